@@ -1,0 +1,2086 @@
+#!/usr/bin/env python3
+"""Vampire: one governed, private, OpenAI-compatible endpoint in front of the LM Studio servers their
+owners chose to share.
+
+Read top to bottom in the order a request flows: settings -> store -> nodes -> discovery -> router ->
+gateway -> control plane -> dashboard -> emulator -> CLI -> service.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import ipaddress
+import json
+import logging
+import os
+import re
+import secrets
+import socket
+import sqlite3
+import sys
+import time
+import tomllib
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import aiohttp
+import platformdirs
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+__version__ = "0.1.0"
+
+log = logging.getLogger("vampire")
+
+Scope = dict[str, Any]
+Message = dict[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+
+# ── settings: defaults < vampire.toml < VAMPIRE_* environment < command-line flags ─────────────────────
+
+
+DEFAULT_PORT = 7777
+LMSTUDIO_PORT = 1234
+OLLAMA_PORT = 11434
+SHARE_MODES = ("off", "local", "lan", "keys")
+
+
+@dataclass
+class Settings:
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_PORT
+    nodes: list[str] = field(default_factory=list)  # "url[#token]"
+    admin_token: str | None = None
+    data_dir: Path = field(default_factory=lambda: Path(platformdirs.user_data_dir("vampire", appauthor=False)))
+    log_level: str = "info"
+    log_format: str = "text"
+    refresh_s: float = 10.0
+    first_byte_timeout_s: float = 120.0
+    connect_timeout_s: float = 5.0
+    probe_timeout_s: float = 3.0
+    queue_max: int = 256
+    queue_timeout_s: float = 30.0
+    trusted_networks: list[str] = field(default_factory=lambda: ["127.0.0.0/8", "::1/128"])
+    share: str = "local"
+    max_body_bytes: int = 32 * 1024 * 1024
+    allow_public_nodes: bool = False
+    discover_local: bool = True
+    demo: bool = False
+
+    @classmethod
+    def load(
+        cls,
+        config_file: Path | None = None,
+        env: dict[str, str] | None = None,
+        **overrides: Any,
+    ) -> Settings:
+        env = dict(os.environ if env is None else env)
+        settings = cls()
+        path = config_file or _env_path(env, "VAMPIRE_CONFIG") or default_config_path()
+        if path.is_file():
+            settings._apply(_read_toml(path), f"{path}")
+        settings._apply(_settings_from_env(env), "environment")
+        settings._apply({k: v for k, v in overrides.items() if v not in (None, [], False)}, "flags")
+        settings._validate()
+        return settings
+
+    def _apply(self, values: dict[str, Any], origin: str) -> None:
+        names = {f.name: f for f in dataclasses.fields(self)}
+        for key, value in values.items():
+            if key not in names:
+                raise ConfigError(f"{origin}: unknown setting {key!r}")
+            setattr(self, key, _coerce(getattr(self, key), value, f"{origin}: {key}"))
+
+    def _validate(self) -> None:
+        if self.share not in SHARE_MODES:
+            raise ConfigError(f"share must be one of {', '.join(SHARE_MODES)}, not {self.share!r}")
+        if self.log_level not in ("debug", "info", "warning", "error"):
+            raise ConfigError(f"log_level must be debug|info|warning|error, not {self.log_level!r}")
+        for cidr in self.trusted_networks:
+            try:
+                ipaddress.ip_network(cidr, strict=False)
+            except ValueError as exc:
+                raise ConfigError(f"trusted_networks: {exc}") from None
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"port out of range: {self.port}")
+
+    @property
+    def db_path(self) -> Path:
+        return self.data_dir / "vampire.db"
+
+
+class ConfigError(Exception):
+    """A setting that cannot be used; the message says which and why."""
+
+
+_ENV_NAMES = {
+    "VAMPIRE_HOST": "host",
+    "VAMPIRE_PORT": "port",
+    "VAMPIRE_NODES": "nodes",
+    "VAMPIRE_ADMIN_TOKEN": "admin_token",
+    "VAMPIRE_DATA_DIR": "data_dir",
+    "VAMPIRE_LOG_LEVEL": "log_level",
+    "VAMPIRE_LOG_FORMAT": "log_format",
+    "VAMPIRE_REFRESH_S": "refresh_s",
+    "VAMPIRE_FIRST_BYTE_TIMEOUT_S": "first_byte_timeout_s",
+    "VAMPIRE_QUEUE_MAX": "queue_max",
+    "VAMPIRE_QUEUE_TIMEOUT_S": "queue_timeout_s",
+    "VAMPIRE_TRUSTED_NETWORKS": "trusted_networks",
+    "VAMPIRE_SHARE": "share",
+    "VAMPIRE_MAX_BODY_BYTES": "max_body_bytes",
+}
+
+
+def _settings_from_env(env: dict[str, str]) -> dict[str, Any]:
+    values: dict[str, Any] = {name: env[var] for var, name in _ENV_NAMES.items() if env.get(var)}
+    # The name the original project documented for its single LM Studio server is one more node.
+    if env.get("VAMPIRE_LMSTUDIO_BASE_URL"):
+        nodes = _split_list(values.get("nodes", ""))
+        values["nodes"] = [*nodes, env["VAMPIRE_LMSTUDIO_BASE_URL"]]
+    return values
+
+
+def _env_path(env: dict[str, str], name: str) -> Path | None:
+    return Path(env[name]).expanduser() if env.get(name) else None
+
+
+def default_config_path() -> Path:
+    return Path(platformdirs.user_config_dir("vampire", appauthor=False)) / "vampire.toml"
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    nodes = data.get("nodes")
+    if isinstance(nodes, list):  # [[nodes]] tables with url/token are friendlier to write than "url#token"
+        data["nodes"] = [_node_spec_from_table(n) if isinstance(n, dict) else str(n) for n in nodes]
+    return data
+
+
+def _node_spec_from_table(table: dict[str, Any]) -> str:
+    url = str(table.get("url", ""))
+    return f"{url}#{table['token']}" if table.get("token") else url
+
+
+def _split_list(value: str) -> list[str]:
+    return [part.strip() for part in value.split(",") if part.strip()]
+
+
+def _coerce(current: Any, value: Any, where: str) -> Any:
+    try:
+        if isinstance(current, bool):
+            return value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes", "on")
+        if isinstance(current, int):
+            return int(value)
+        if isinstance(current, float):
+            return float(value)
+        if isinstance(current, Path):
+            return Path(str(value)).expanduser()
+        if isinstance(current, list):
+            return _split_list(value) if isinstance(value, str) else [str(v) for v in value]
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where}: cannot use {value!r}") from None
+    return None if value is None else str(value)
+
+
+def split_node_spec(spec: str) -> tuple[str, str | None]:
+    """`url[#token]` -> (normalized url, token); a URL without scheme means http."""
+    url, _, token = spec.strip().partition("#")
+    if "://" not in url:
+        url = "http://" + url
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"not a node URL: {url!r}")
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    path = parts.path.rstrip("/")
+    if path.endswith("/v1"):  # people paste their OpenAI base URL; the node is the server root
+        path = path[:-3]
+    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    return f"{parts.scheme}://{host}:{port}{path}", (token or None)
+
+
+# ── store: SQLite (WAL) in the data dir; the one place runtime state lives ─────────────────────────────
+
+
+class Store:
+    """Durable state: nodes added at run time, their trust and owner tokens, and what later sections add.
+
+    WAL with synchronous=NORMAL survives `kill -9` of the gateway (only an OS crash can lose the last
+    commits). The file is created 0600 because it holds node tokens.
+    """
+
+    SCHEMA = """
+    CREATE TABLE IF NOT EXISTS nodes (
+        id TEXT PRIMARY KEY, url TEXT NOT NULL UNIQUE, name TEXT NOT NULL, token TEXT,
+        trusted INTEGER NOT NULL, admin_state TEXT NOT NULL DEFAULT 'active',
+        tags TEXT NOT NULL DEFAULT '[]', source TEXT NOT NULL, added_at REAL NOT NULL
+    );
+    CREATE TABLE IF NOT EXISTS settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+    """
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if not path.exists():
+            os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
+        self.path = path
+        self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self.db.row_factory = sqlite3.Row
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")
+        self.db.executescript(self.SCHEMA)
+
+    def close(self) -> None:
+        self.db.close()
+
+    def node_rows(self) -> list[dict[str, Any]]:
+        rows = self.db.execute("SELECT * FROM nodes ORDER BY added_at").fetchall()
+        return [dict(row) | {"tags": json.loads(row["tags"])} for row in rows]
+
+    def save_node(self, row: dict[str, Any]) -> None:
+        self.db.execute(
+            "INSERT INTO nodes (id, url, name, token, trusted, admin_state, tags, source, added_at)"
+            " VALUES (:id, :url, :name, :token, :trusted, :admin_state, :tags, :source, :added_at)"
+            " ON CONFLICT(id) DO UPDATE SET url=:url, name=:name, token=:token, trusted=:trusted,"
+            " admin_state=:admin_state, tags=:tags, source=:source",
+            row | {"tags": json.dumps(row.get("tags", [])), "trusted": int(bool(row["trusted"]))},
+        )
+
+    def delete_node(self, node_id: str) -> None:
+        self.db.execute("DELETE FROM nodes WHERE id = ?", (node_id,))
+
+    def get_setting(self, key: str) -> str | None:
+        row = self.db.execute("SELECT value FROM settings WHERE key = ?", (key,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def set_setting(self, key: str, value: str) -> None:
+        self.db.execute(
+            "INSERT INTO settings (key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+            (key, value),
+        )
+
+
+# ── nodes: what each approved endpoint offers, learned by interrogation, kept fresh by a health loop ──
+
+
+MODEL_TYPES = ("llm", "vlm", "embedding")
+DEFAULT_SLOTS = 4
+TIER_RE = re.compile(r"^vampire(\d{0,3})(?::.*)?$", re.DOTALL)
+
+
+@dataclass
+class ModelInfo:
+    id: str
+    type: str = "llm"
+    loaded: bool = False
+    instances: list[str] = field(default_factory=list)
+    context_length: int | None = None
+    max_context_length: int | None = None
+    capabilities: list[str] = field(default_factory=list)  # vision, tools, reasoning
+    slots: int = DEFAULT_SLOTS
+    format: str | None = None
+    quantization: str | None = None
+    size_bytes: int | None = None
+
+    @property
+    def key(self) -> str:
+        return model_key(self.id)
+
+    def fingerprint(self, node: Node) -> str:
+        return f"{self.id}|{self.quantization}|{self.format}|{node.kind}|{node.version}"
+
+    def public(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def model_key(model_id: str) -> str:
+    """The model without its instance suffix `:N` or variant `@quant` (LM Studio naming)."""
+    base = model_id.split("@", 1)[0]
+    head, sep, tail = base.rpartition(":")
+    return head if sep and tail.isdigit() else base
+
+
+def parse_tier(token: str | None) -> int:
+    """A `vampire<NN>[:secret]` token grants Vampire NN % of the node's slots; any other token 100 %."""
+    match = TIER_RE.match(token or "")
+    if not match:
+        return 100
+    return max(1, min(100, int(match.group(1)))) if match.group(1) else 100
+
+
+def mask_secret(secret: str | None) -> str | None:
+    if not secret:
+        return None
+    return f"{secret[:3]}…{secret[-3:]}" if len(secret) >= 12 else "…"
+
+
+def node_id_for(url: str) -> str:
+    parts = urlsplit(url)
+    return re.sub(r"[^a-zA-Z0-9]+", "-", f"{parts.hostname}-{parts.port}{parts.path}").strip("-").lower()
+
+
+@dataclass
+class Node:
+    """One approved endpoint and everything Vampire knows about it right now."""
+
+    id: str
+    url: str
+    name: str
+    token: str | None = None
+    trusted: bool = False
+    admin_state: str = "active"  # active | draining | disabled (set by a person)
+    tags: list[str] = field(default_factory=list)
+    source: str = "runtime"  # config | runtime | discovered | local
+    added_at: float = field(default_factory=time.time)
+    kind: str = "unknown"  # lmstudio | ollama | openai
+    version: str | None = None
+    health: str = "unknown"  # unknown | online | offline | unauthorized
+    models: list[ModelInfo] = field(default_factory=list)
+    in_flight: int = 0
+    latency_ms: float | None = None
+    last_seen: float | None = None
+    last_error: str | None = None
+    failures: int = 0
+    auth_failures: int = 0
+    next_probe: float = 0.0
+
+    @property
+    def state(self) -> str:
+        return "disabled" if self.admin_state == "disabled" else (
+            "draining" if self.admin_state == "draining" else self.health
+        )
+
+    @property
+    def tier(self) -> int:
+        return parse_tier(self.token)
+
+    @property
+    def routable(self) -> bool:
+        return self.trusted and self.admin_state == "active" and self.health == "online"
+
+    def auth_headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"} if self.token else {}
+
+    def observe_latency(self, seconds: float) -> None:
+        ms = seconds * 1000.0
+        self.latency_ms = ms if self.latency_ms is None else 0.8 * self.latency_ms + 0.2 * ms
+
+    def row(self) -> dict[str, Any]:
+        keys = ("id", "url", "name", "token", "trusted", "admin_state", "tags", "source", "added_at")
+        return {k: getattr(self, k) for k in keys}
+
+    def public(self) -> dict[str, Any]:
+        return {
+            "id": self.id, "name": self.name, "url": self.url, "kind": self.kind, "version": self.version,
+            "state": self.state, "trusted": self.trusted, "tier": self.tier, "token": mask_secret(self.token),
+            "tags": self.tags, "source": self.source, "in_flight": self.in_flight,
+            "latency_ms": None if self.latency_ms is None else round(self.latency_ms, 2),
+            "last_seen": self.last_seen, "last_error": self.last_error,
+            "models": [m.public() for m in self.models],
+        }
+
+
+@dataclass
+class Interrogation:
+    """What one probe of a node found: identity, inventory, or why it could not be used."""
+
+    health: str  # online | offline | unauthorized
+    kind: str = "unknown"
+    version: str | None = None
+    models: list[ModelInfo] = field(default_factory=list)
+    error: str | None = None
+    latency_s: float = 0.0
+
+
+class NodeRefused(Exception):
+    """The node URL may not be used (SSRF guard, bad URL); the message is shown to the person."""
+
+
+def address_allowed(address: str, allow_public: bool) -> bool:
+    ip = ipaddress.ip_address(address)
+    if allow_public:
+        return not (ip.is_multicast or ip.is_unspecified)
+    return ip.is_private or ip.is_loopback or ip.is_link_local
+
+
+async def check_node_address(url: str, allow_public: bool) -> None:
+    """Refuse node URLs that resolve outside private/loopback space (SSRF); re-run at connect time."""
+    host = urlsplit(url).hostname or ""
+    try:
+        infos = await asyncio.get_running_loop().getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except OSError as exc:
+        raise NodeRefused(f"cannot resolve {host!r}: {exc.strerror or exc}") from None
+    for info in infos:
+        address = str(info[4][0])
+        if not address_allowed(address, allow_public):
+            raise NodeRefused(
+                f"{host} resolves to the public address {address}; nodes must be on this machine or a "
+                "private network (start with --allow-public-nodes to permit it)"
+            )
+
+
+class GuardedResolver(aiohttp.abc.AbstractResolver):
+    """Resolves like the default resolver, then applies the SSRF rule to every address it returns, so
+    a name that re-resolves to a public address after it was checked (DNS rebinding) is still refused."""
+
+    def __init__(self, allow_public: Callable[[], bool]) -> None:
+        self._inner = aiohttp.ThreadedResolver()
+        self._allow_public = allow_public
+
+    async def resolve(self, host: str, port: int = 0, family: int = socket.AF_INET) -> list[Any]:
+        results = await self._inner.resolve(host, port, family)
+        allowed = [r for r in results if address_allowed(r["host"], self._allow_public())]
+        if not allowed:
+            raise OSError(f"{host} resolves only to addresses outside private networks")
+        return allowed
+
+    async def close(self) -> None:
+        await self._inner.close()
+
+
+async def _get_json(
+    http: aiohttp.ClientSession, url: str, headers: dict[str, str], timeout: float
+) -> tuple[int, Any]:
+    async with http.get(url, headers=headers, timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
+        body = await resp.read()
+    try:
+        return resp.status, json.loads(body)
+    except ValueError:
+        return resp.status, body.decode("utf-8", "replace")
+
+
+def _is_unexpected_endpoint(body: Any) -> bool:
+    """LM Studio answers unknown routes with HTTP 200 and this body: never trust the status alone."""
+    return isinstance(body, dict) and isinstance(body.get("error"), str) and "Unexpected endpoint" in body["error"]
+
+
+async def interrogate(http: aiohttp.ClientSession, url: str, token: str | None, timeout: float) -> Interrogation:
+    """Identify a node (LM Studio 0.4 / 0.3, Ollama, other OpenAI server) and read its inventory."""
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    started = time.perf_counter()
+    try:
+        result = await _identify(http, url, headers, timeout)
+    except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+        result = Interrogation("offline", error=_describe_error(exc))
+    result.latency_s = time.perf_counter() - started
+    return result
+
+
+async def _identify(http: aiohttp.ClientSession, url: str, headers: dict[str, str], timeout: float) -> Interrogation:
+    status, greeting = await _get_json(http, url + "/lmstudio-greeting", headers, timeout)
+    if status in (401, 403):
+        return Interrogation("unauthorized", kind="lmstudio", error=f"HTTP {status} from the node")
+    if isinstance(greeting, dict) and greeting.get("lmstudio") is True:
+        return await _interrogate_lmstudio(http, url, headers, timeout, greeting.get("version"))
+    status, version = await _get_json(http, url + "/api/version", headers, timeout)
+    if status == 200 and isinstance(version, dict) and "version" in version:
+        return await _interrogate_ollama(http, url, headers, timeout, str(version["version"]))
+    return await _interrogate_openai(http, url, headers, timeout)
+
+
+async def _interrogate_lmstudio(
+    http: aiohttp.ClientSession, url: str, headers: dict[str, str], timeout: float, version: Any
+) -> Interrogation:
+    status, body = await _get_json(http, url + "/api/v1/models", headers, timeout)
+    if status in (401, 403):
+        return Interrogation("unauthorized", "lmstudio", str(version or "0.4"), error=f"HTTP {status} from the node")
+    if status == 200 and isinstance(body, dict) and isinstance(body.get("models"), list):
+        models = [_model_from_lmstudio_v1(m) for m in body["models"] if isinstance(m, dict)]
+        return Interrogation("online", "lmstudio", str(version or "0.4"), _expand_instances(models))
+    status, body = await _get_json(http, url + "/api/v0/models", headers, timeout)
+    if status == 200 and isinstance(body, dict) and isinstance(body.get("data"), list):
+        models = [_model_from_lmstudio_v0(m) for m in body["data"] if isinstance(m, dict)]
+        return Interrogation("online", "lmstudio", str(version or "0.3"), models)
+    result = await _interrogate_openai(http, url, headers, timeout)
+    result.kind, result.version = "lmstudio", str(version or "0.3")
+    return result
+
+
+def _model_from_lmstudio_v1(raw: dict[str, Any]) -> ModelInfo:
+    caps = raw.get("capabilities") or {}
+    instances = [i for i in raw.get("loaded_instances") or [] if isinstance(i, dict)]
+    config = (instances[0].get("config") or {}) if instances else {}
+    capabilities = [
+        name for name, on in (
+            ("vision", caps.get("vision")), ("tools", caps.get("trained_for_tool_use")), ("reasoning", caps.get("reasoning"))
+        ) if on
+    ]
+    quant = raw.get("quantization")
+    kind = "embedding" if raw.get("type") == "embedding" else ("vlm" if caps.get("vision") else "llm")
+    return ModelInfo(
+        id=str(raw.get("key") or raw.get("id") or ""), type=kind, loaded=bool(instances),
+        instances=[str(i.get("id")) for i in instances], context_length=config.get("context_length"),
+        max_context_length=raw.get("max_context_length"), capabilities=capabilities,
+        slots=int(config.get("parallel") or DEFAULT_SLOTS), format=raw.get("format"),
+        quantization=quant.get("name") if isinstance(quant, dict) else quant, size_bytes=raw.get("size_bytes"),
+    )
+
+
+def _expand_instances(models: list[ModelInfo]) -> list[ModelInfo]:
+    """Extra loaded instances (`key:2`) are addressable ids of their own, so list them too."""
+    out: list[ModelInfo] = []
+    for model in models:
+        out.append(model)
+        for instance in model.instances:
+            if instance != model.id:
+                out.append(dataclasses.replace(model, id=instance, instances=[instance]))
+    return out
+
+
+def _model_from_lmstudio_v0(raw: dict[str, Any]) -> ModelInfo:
+    kind = {"embeddings": "embedding", "vlm": "vlm"}.get(str(raw.get("type")), "llm")
+    caps = raw.get("capabilities") or []
+    capabilities = (["vision"] if kind == "vlm" else []) + (["tools"] if "tool_use" in caps else [])
+    loaded = raw.get("state") == "loaded"
+    return ModelInfo(
+        id=str(raw.get("id", "")), type=kind, loaded=loaded, instances=[str(raw.get("id"))] if loaded else [],
+        context_length=raw.get("loaded_context_length"), max_context_length=raw.get("max_context_length"),
+        capabilities=capabilities, format=raw.get("compatibility_type"), quantization=raw.get("quantization"),
+    )
+
+
+async def _interrogate_ollama(
+    http: aiohttp.ClientSession, url: str, headers: dict[str, str], timeout: float, version: str
+) -> Interrogation:
+    _, tags = await _get_json(http, url + "/api/tags", headers, timeout)
+    _, ps = await _get_json(http, url + "/api/ps", headers, timeout)
+    running = {str(m.get("name")): m for m in (ps or {}).get("models", []) if isinstance(m, dict)}
+    models = []
+    for raw in (tags or {}).get("models", []):
+        if not isinstance(raw, dict):
+            continue
+        name = str(raw.get("name") or raw.get("model"))
+        caps = raw.get("capabilities") or []
+        details = raw.get("details") or {}
+        kind = "embedding" if "embedding" in caps or "embed" in name else ("vlm" if "vision" in caps else "llm")
+        loaded = running.get(name)
+        models.append(ModelInfo(
+            id=name, type=kind, loaded=loaded is not None, instances=[name] if loaded else [],
+            context_length=(loaded or {}).get("context_length"),
+            capabilities=[c for c, k in (("vision", "vision"), ("tools", "tools"), ("reasoning", "thinking")) if k in caps],
+            format=details.get("format"), quantization=details.get("quantization_level"), size_bytes=raw.get("size"),
+        ))
+    return Interrogation("online", "ollama", version, models)
+
+
+async def _interrogate_openai(
+    http: aiohttp.ClientSession, url: str, headers: dict[str, str], timeout: float
+) -> Interrogation:
+    status, body = await _get_json(http, url + "/v1/models", headers, timeout)
+    if status in (401, 403):
+        return Interrogation("unauthorized", "openai", error=f"HTTP {status} from the node")
+    if status != 200 or not isinstance(body, dict) or not isinstance(body.get("data"), list):
+        return Interrogation("offline", error=f"no model list at {url}/v1/models (HTTP {status})")
+    models = []
+    for raw in body["data"]:
+        if isinstance(raw, dict) and raw.get("id"):
+            model_id = str(raw["id"])
+            kind = "embedding" if "embed" in model_id.lower() else "llm"
+            # A generic server lists what it serves, and what it serves is loaded.
+            models.append(ModelInfo(id=model_id, type=kind, loaded=True, instances=[model_id]))
+    return Interrogation("online", "openai", None, models)
+
+
+def _describe_error(exc: BaseException) -> str:
+    if isinstance(exc, asyncio.TimeoutError):
+        return "timed out"
+    return str(exc) or type(exc).__name__
+
+
+@dataclass
+class Event:
+    kind: str  # node | request
+    data: dict[str, Any]
+    time: float = field(default_factory=time.time)
+
+
+class EventBus:
+    """Recent events for late joiners plus live fan-out to subscribers (SSE, dashboard, tests)."""
+
+    def __init__(self, keep: int = 500) -> None:
+        self.recent: deque[Event] = deque(maxlen=keep)
+        self._subscribers: set[asyncio.Queue[Event]] = set()
+
+    def publish(self, kind: str, data: dict[str, Any]) -> None:
+        event = Event(kind, data)
+        self.recent.append(event)
+        for queue in self._subscribers:
+            if queue.qsize() < 1000:  # a stalled subscriber must not grow without bound
+                queue.put_nowait(event)
+
+    def subscribe(self) -> asyncio.Queue[Event]:
+        queue: asyncio.Queue[Event] = asyncio.Queue()
+        self._subscribers.add(queue)
+        return queue
+
+    def unsubscribe(self, queue: asyncio.Queue[Event]) -> None:
+        self._subscribers.discard(queue)
+
+
+class Registry:
+    """The approved nodes, their health and inventory; persisted in the store, refreshed in the background."""
+
+    AUTH_FAILURES_TO_WITHDRAW = 2
+    MAX_BACKOFF_S = 300.0
+
+    def __init__(self, settings: Settings, store: Store, events: EventBus) -> None:
+        self.settings = settings
+        self.store = store
+        self.events = events
+        self.nodes: dict[str, Node] = {}
+        self.http: aiohttp.ClientSession | None = None
+        self._wake = asyncio.Event()
+        self._probing: dict[str, asyncio.Task[None]] = {}
+        self.version = 0  # bumps on any inventory or state change; the router rebuilds its index on it
+
+    def load(self) -> None:
+        for row in self.store.node_rows():
+            node = Node(**{k: row[k] for k in Node.__dataclass_fields__ if k in row})
+            node.trusted = bool(row["trusted"])
+            self.nodes[node.id] = node
+
+    def merge_configured(self, specs: Iterable[str], source: str = "config") -> None:
+        """Nodes from config, env and flags are the owner's own choice, so they are trusted. A config
+        node no longer configured is dropped; nodes added at run time are kept."""
+        wanted = set()
+        for spec in specs:
+            url, token = split_node_spec(spec)
+            node = self.by_url(url)
+            if node is None:
+                node = Node(id=self._free_id(url), url=url, name=urlsplit(url).netloc, source=source)
+                self.nodes[node.id] = node
+            node.trusted = True
+            if token:
+                node.token = token
+            wanted.add(node.id)
+            self._save(node)
+        if source == "config":
+            for node in [n for n in self.nodes.values() if n.source == "config" and n.id not in wanted]:
+                self.remove(node)
+        self.changed()
+
+    def _save(self, node: Node) -> None:
+        if node.source != "demo":  # demo nodes live and die with the process
+            self.store.save_node(node.row())
+
+    def by_url(self, url: str) -> Node | None:
+        return next((n for n in self.nodes.values() if n.url == url), None)
+
+    def find(self, ref: str) -> Node | None:
+        return self.nodes.get(ref) or next((n for n in self.nodes.values() if n.name == ref), None)
+
+    def _free_id(self, url: str) -> str:
+        base = node_id_for(url)
+        candidate, n = base, 2
+        while candidate in self.nodes:
+            candidate, n = f"{base}-{n}", n + 1
+        return candidate
+
+    async def add(
+        self, url: str, *, token: str | None = None, name: str | None = None, trusted: bool = True,
+        tags: list[str] | None = None, source: str = "runtime",
+    ) -> Node:
+        url, url_token = split_node_spec(url)
+        await check_node_address(url, self.settings.allow_public_nodes)
+        if self.by_url(url):
+            raise NodeRefused(f"{url} is already registered as node {self.by_url(url).id}")  # type: ignore[union-attr]
+        node = Node(
+            id=self._free_id(url), url=url, name=name or urlsplit(url).netloc, token=token or url_token,
+            trusted=trusted, tags=tags or [], source=source,
+        )
+        self.nodes[node.id] = node
+        self._save(node)
+        self.events.publish("node", {"id": node.id, "state": node.state, "change": "added"})
+        await self.probe(node)
+        return node
+
+    def remove(self, node: Node) -> None:
+        self.nodes.pop(node.id, None)
+        self.store.delete_node(node.id)
+        self.events.publish("node", {"id": node.id, "state": "removed", "change": "removed"})
+        self.changed()
+
+    def update(self, node: Node, **changes: Any) -> None:
+        before = node.state
+        for key, value in changes.items():
+            setattr(node, key, value)
+        self._save(node)
+        self._announce(node, before)
+        self.changed()
+
+    def changed(self) -> None:
+        self.version += 1
+
+    def _announce(self, node: Node, before: str) -> None:
+        if node.state != before:
+            log.info("node %s: %s -> %s", node.id, before, node.state)
+            self.events.publish("node", {"id": node.id, "state": node.state, "previous": before, "error": node.last_error})
+
+    async def probe(self, node: Node) -> None:
+        assert self.http is not None
+        result = await interrogate(self.http, node.url, node.token, self.settings.probe_timeout_s)
+        self.apply(node, result)
+
+    def apply(self, node: Node, result: Interrogation) -> None:
+        before = node.state
+        now = time.time()
+        if result.health == "online":
+            node.failures = node.auth_failures = 0
+            node.health, node.kind, node.version, node.models = "online", result.kind, result.version, result.models
+            node.last_seen, node.last_error = now, None
+            node.observe_latency(result.latency_s)
+            node.next_probe = time.monotonic() + self.settings.refresh_s
+        elif result.health == "unauthorized":
+            node.auth_failures += 1
+            node.last_error = result.error
+            node.kind = result.kind if result.kind != "unknown" else node.kind
+            if node.auth_failures >= self.AUTH_FAILURES_TO_WITHDRAW:
+                node.health = "unauthorized"
+            node.next_probe = time.monotonic() + self._backoff(node)
+        else:
+            node.failures += 1
+            node.health, node.last_error = "offline", result.error
+            node.next_probe = time.monotonic() + self._backoff(node)
+        self._announce(node, before)
+        self.changed()
+
+    def _backoff(self, node: Node) -> float:
+        # An unauthorized node is re-probed promptly the first time so one stray 401 is confirmed fast.
+        misses = max(node.failures, node.auth_failures)
+        return min(self.MAX_BACKOFF_S, self.settings.refresh_s * (2 ** max(0, misses - 1)))
+
+    def report_failure(self, node: Node, reason: str, auth: bool = False) -> None:
+        """The data plane saw a node fail: re-probe it now instead of waiting for the next period."""
+        node.last_error = reason
+        if auth:
+            node.auth_failures += 1
+        if node.id not in self._probing:
+            task = asyncio.get_running_loop().create_task(self.probe(node))
+            self._probing[node.id] = task
+            task.add_done_callback(lambda _t, nid=node.id: self._probing.pop(nid, None))
+
+    async def refresh_forever(self) -> None:
+        while True:
+            now = time.monotonic()
+            due = [n for n in self.nodes.values() if n.admin_state != "disabled" and n.next_probe <= now]
+            if due:
+                await asyncio.gather(*(self.probe(n) for n in due), return_exceptions=True)
+            upcoming = [n.next_probe for n in self.nodes.values() if n.admin_state != "disabled"]
+            delay = max(0.05, min(upcoming, default=now + self.settings.refresh_s) - time.monotonic())
+            self._wake.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), delay)
+
+    def wake(self) -> None:
+        self._wake.set()
+
+
+# ── discovery: finds endpoints on private networks; discovery is not permission (found = untrusted) ────
+
+
+DISCOVERY_PORTS = (LMSTUDIO_PORT, OLLAMA_PORT)
+MAX_SCAN_ADDRESSES = 65_536
+
+
+@dataclass
+class Found:
+    url: str
+    kind: str
+    version: str | None
+    models: list[str]
+    health: str
+    added: bool = False
+
+    def public(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def scan_targets(subnets: Sequence[str], ports: Sequence[int], allow_public: bool) -> list[str]:
+    hosts: list[str] = []
+    for cidr in subnets:
+        try:
+            net = ipaddress.ip_network(cidr, strict=False)
+        except ValueError as exc:
+            raise NodeRefused(f"not a subnet: {cidr!r} ({exc})") from None
+        if not allow_public and not (net.is_private or net.is_loopback or net.is_link_local):
+            raise NodeRefused(f"{cidr} is not a private or loopback range (use --allow-public to scan it)")
+        if net.num_addresses > MAX_SCAN_ADDRESSES:
+            raise NodeRefused(f"{cidr} has {net.num_addresses} addresses; scan at most {MAX_SCAN_ADDRESSES} at once")
+        addresses = list(net.hosts()) if net.num_addresses > 2 else list(net)
+        hosts += [f"[{a}]" if a.version == 6 else str(a) for a in addresses]
+    return [f"http://{host}:{port}" for host in hosts for port in ports]
+
+
+async def _port_open(url: str, timeout: float) -> bool:
+    parts = urlsplit(url)
+    try:
+        _, writer = await asyncio.wait_for(asyncio.open_connection(parts.hostname, parts.port), timeout)
+    except (TimeoutError, OSError):
+        return False
+    writer.close()
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()
+    return True
+
+
+async def discover(
+    http: aiohttp.ClientSession, subnets: Sequence[str], ports: Sequence[int], *, timeout: float = 0.5,
+    concurrency: int = 256, allow_public: bool = False, on_progress: Callable[[int, int], None] | None = None,
+) -> list[Found]:
+    """Probe every subnet address on every port concurrently (bounded); interrogate what answers."""
+    targets = scan_targets(subnets, ports, allow_public)
+    gate = asyncio.Semaphore(concurrency)
+    done = 0
+    found: list[Found] = []
+
+    async def probe(url: str) -> None:
+        nonlocal done
+        async with gate:
+            if await _port_open(url, timeout):
+                result = await interrogate(http, url, None, max(timeout, 2.0))
+                if result.health != "offline":
+                    found.append(Found(url, result.kind, result.version, [m.id for m in result.models], result.health))
+        done += 1
+        if on_progress:
+            on_progress(done, len(targets))
+
+    await asyncio.gather(*(probe(url) for url in targets))
+    return sorted(found, key=lambda f: f.url)
+
+
+# ── router: picks the node that will answer best — hot model first, then free slots, then latency ──────
+
+
+AUTO_MODEL = "vampire:auto"
+
+
+class HTTPError(Exception):
+    """A request the gateway answers itself, rendered in the caller's format."""
+
+    def __init__(
+        self, status: int, message: str, code: str | None = None, *, param: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status, self.message, self.code, self.param = status, message, code, param
+        self.headers = headers or {}
+
+
+@dataclass
+class Target:
+    node: Node
+    model: ModelInfo
+
+    @property
+    def upstream_model(self) -> str:
+        return self.model.id
+
+
+class Router:
+    """Resolves a requested model to an ordered list of candidate (node, model) targets."""
+
+    def __init__(self, registry: Registry) -> None:
+        self.registry = registry
+        self._index: dict[str, list[Target]] = {}
+        self._keys: dict[str, list[Target]] = {}
+        self._built = -1
+
+    def index(self) -> dict[str, list[Target]]:
+        if self._built != self.registry.version:
+            self._rebuild()
+        return self._index
+
+    def _rebuild(self) -> None:
+        index: dict[str, list[Target]] = {}
+        keys: dict[str, list[Target]] = {}
+        for node in self.registry.nodes.values():
+            if not node.routable:
+                continue
+            for model in node.models:
+                index.setdefault(model.id, []).append(Target(node, model))
+                keys.setdefault(model.key, []).append(Target(node, model))
+        self._index, self._keys, self._built = index, keys, self.registry.version
+
+    def model_ids(self) -> list[str]:
+        return sorted(self.index())
+
+    def resolve(self, requested: str, kind: str) -> list[Target]:
+        """Candidates for `requested`, best first; raises HTTPError 404 when nobody offers it."""
+        index = self.index()
+        if requested == AUTO_MODEL:
+            targets = [t for ts in index.values() for t in ts if t.model.type != "embedding" and t.model.loaded]
+        else:
+            targets = index.get(requested) or self._pinned(requested) or self._keys.get(model_key(requested), [])
+        if not targets:
+            self._raise_unknown(requested)
+        fit = [t for t in targets if _fits(t.model, kind)]
+        if not fit:
+            raise HTTPError(
+                400, f"The model `{requested}` cannot serve {kind} requests.", "unsupported_capability", param="model"
+            )
+        return sorted(fit, key=_score)
+
+    def _pinned(self, requested: str) -> list[Target]:
+        model, sep, node_ref = requested.rpartition("@")
+        if not sep:
+            return []
+        node = self.registry.find(node_ref)
+        if node is None:
+            return []
+        if not node.routable:
+            raise HTTPError(503, f"Node `{node_ref}` is {node.state}.", "node_unavailable", headers={"Retry-After": "5"})
+        exact = [Target(node, m) for m in node.models if m.id == model]
+        return exact or [Target(node, m) for m in node.models if m.key == model_key(model)]
+
+    def _raise_unknown(self, requested: str) -> None:
+        known = self.model_ids()
+        if not known:
+            raise HTTPError(503, "No node is available right now.", "no_node_available", headers={"Retry-After": "5"})
+        listed = ", ".join([AUTO_MODEL, *known])
+        raise HTTPError(
+            404, f"The model `{requested}` does not exist. Available models: {listed}.", "model_not_found", param="model"
+        )
+
+    def any_node(self) -> list[Target]:
+        """For `/v1/*` calls that name no model: the best trusted online node, whatever it holds."""
+        nodes = sorted((n for n in self.registry.nodes.values() if n.routable), key=lambda n: (n.in_flight, n.latency_ms or 0))
+        if not nodes:
+            raise HTTPError(503, "No node is available right now.", "no_node_available", headers={"Retry-After": "5"})
+        return [Target(n, n.models[0] if n.models else ModelInfo(id="")) for n in nodes]
+
+
+def _fits(model: ModelInfo, kind: str) -> bool:
+    if kind == "embedding":
+        return model.type == "embedding"
+    if kind in ("chat", "completion"):
+        return model.type != "embedding"
+    return True
+
+
+def _score(target: Target) -> tuple[int, float, float]:
+    node, model = target.node, target.model
+    capacity = max(1, model.slots * node.tier // 100)
+    return (0 if model.loaded else 1, node.in_flight / capacity, node.latency_ms or 0.0)
+
+
+# ── gateway: the data plane; a lean ASGI path from client to node and back, streams relayed as they come ─
+
+
+# Never forwarded upstream: hop-by-hop headers, the client's own credentials (a node only ever sees its
+# owner's token), and headers aiohttp sets itself.
+_REQUEST_DROP = frozenset({
+    b"host", b"content-length", b"authorization", b"x-api-key", b"connection", b"keep-alive", b"te",
+    b"transfer-encoding", b"upgrade", b"proxy-authorization", b"proxy-connection", b"accept-encoding", b"cookie",
+})
+_RESPONSE_DROP = frozenset({
+    b"connection", b"keep-alive", b"transfer-encoding", b"content-length", b"date", b"server", b"x-powered-by",
+    b"content-encoding",
+})
+_KIND_BY_PATH = {
+    "/v1/chat/completions": "chat", "/v1/completions": "completion", "/v1/embeddings": "embedding",
+    "/v1/responses": "chat", "/v1/messages": "chat",
+}
+_OPENAI_ERROR_TYPES = {
+    400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+    404: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error",
+}
+_ANTHROPIC_ERROR_TYPES = {
+    400: "invalid_request_error", 401: "authentication_error", 403: "permission_error", 404: "not_found_error",
+    413: "request_too_large", 429: "rate_limit_error", 503: "overloaded_error",
+}
+
+
+def error_body(surface: str, status: int, message: str, code: str | None, param: str | None = None) -> bytes:
+    if surface == "anthropic":
+        kind = _ANTHROPIC_ERROR_TYPES.get(status, "api_error")
+        return json.dumps({"type": "error", "error": {"type": kind, "message": message}}).encode()
+    kind = _OPENAI_ERROR_TYPES.get(status, "server_error")
+    return json.dumps({"error": {"message": message, "type": kind, "param": param, "code": code}}).encode()
+
+
+def stream_error_frame(surface: str, content_type: bytes, message: str) -> bytes:
+    """What ends a stream that failed after its first byte: an error in the stream's own format, then
+    the stream's normal end, so no client mistakes a cut-off answer for a complete one."""
+    if b"ndjson" in content_type:
+        return json.dumps({"error": message}).encode() + b"\n"
+    if surface == "anthropic":
+        payload = json.dumps({"type": "error", "error": {"type": "api_error", "message": message}})
+        return f"event: error\ndata: {payload}\n\n".encode()
+    payload = json.dumps({"error": {"message": message, "type": "server_error", "code": "upstream_failed"}})
+    return f"data: {payload}\n\ndata: [DONE]\n\n".encode()
+
+
+class ClientGone(Exception):
+    """The client disconnected; nothing more can be sent to it."""
+
+
+class UpstreamFailed(Exception):
+    """A node failed before the first byte reached the client, so the next candidate may try."""
+
+    def __init__(self, reason: str, *, auth: bool = False, capacity: bool = False) -> None:
+        super().__init__(reason)
+        self.auth, self.capacity = auth, capacity
+
+
+class Call:
+    """One data-plane request as it flows through the gateway."""
+
+    __slots__ = (
+        "body",
+        "error",
+        "finished",
+        "first_byte_s",
+        "gone",
+        "headers",
+        "method",
+        "model",
+        "node",
+        "path",
+        "payload",
+        "query",
+        "request_id",
+        "started",
+        "status",
+        "surface",
+        "upstream_model",
+    )
+
+    def __init__(self, scope: Scope, request_id: str) -> None:
+        self.request_id = request_id
+        self.method: str = scope["method"]
+        self.path: str = scope["path"]
+        self.query: bytes = scope["query_string"]
+        self.surface = "anthropic" if self.path == "/v1/messages" else "openai"
+        self.headers: list[tuple[bytes, bytes]] = scope["headers"]
+        self.body = b""
+        self.payload: dict[str, Any] | None = None
+        self.model: str | None = None
+        self.started = time.perf_counter()
+        self.status = 0
+        self.node: Node | None = None
+        self.upstream_model: str | None = None
+        self.gone = False
+        self.finished = False
+        self.first_byte_s: float | None = None
+        self.error: str | None = None
+
+    def upstream_url(self, node: Node) -> str:
+        if self.query:
+            return f"{node.url}{self.path}?{self.query.decode('latin-1')}"
+        return node.url + self.path
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "request_id": self.request_id, "method": self.method, "path": self.path, "model": self.model,
+            "node": self.node.id if self.node else None, "status": self.status,
+            "latency_ms": round((time.perf_counter() - self.started) * 1000, 2),
+            "ttfb_ms": None if self.first_byte_s is None else round(self.first_byte_s * 1000, 2),
+            "error": self.error,
+        }
+
+
+class Gateway:
+    """Serves `/v1/*`: reads the request, asks the router for candidates, relays the first that answers."""
+
+    def __init__(self, app: App) -> None:
+        self.app = app
+        self.settings = app.settings
+        self.router = app.router
+        self.registry = app.registry
+        self.http: aiohttp.ClientSession | None = None
+        self.fresh_http: aiohttp.ClientSession | None = None
+        self._counter = 0
+        self._prefix = secrets.token_hex(4)
+
+    def next_request_id(self) -> str:
+        self._counter += 1
+        return f"req_{self._prefix}{self._counter:08x}"
+
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+        call = Call(scope, self.next_request_id())
+        try:
+            if call.method == "GET" and call.path.startswith("/v1/models"):
+                await self.list_models(call, send)
+                return
+            call.body = await self.read_body(call, receive)
+            targets = self.plan(call)
+            await self.relay_with_watch(call, targets, receive, send)
+        except HTTPError as exc:
+            call.status, call.error = exc.status, exc.code
+            await self.send_error(call, send, exc)
+        except ClientGone:
+            call.status, call.error = 499, "client_disconnected"
+        except Exception:  # a bug must never reach the client as a traceback
+            log.exception("request %s failed", call.request_id)
+            call.status, call.error = 500, "internal_error"
+            with contextlib.suppress(Exception):
+                await self.send_error(call, send, HTTPError(500, "Internal gateway error.", "internal_error"))
+        finally:
+            self.app.request_done(call)
+
+    async def read_body(self, call: Call, receive: Receive) -> bytes:
+        limit = self.settings.max_body_bytes
+        for name, value in call.headers:
+            if name == b"content-length" and value.isdigit() and int(value) > limit:
+                raise HTTPError(413, f"Request body is larger than {limit} bytes.", "request_too_large")
+        message = await receive()
+        body, more = message.get("body", b""), message.get("more_body", False)
+        if not more:
+            if message["type"] == "http.disconnect":
+                raise ClientGone
+            return body
+        parts, size = [body], len(body)
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise ClientGone
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                raise HTTPError(413, f"Request body is larger than {limit} bytes.", "request_too_large")
+            parts.append(chunk)
+            more = message.get("more_body", False)
+        return b"".join(parts)
+
+    def plan(self, call: Call) -> list[Target]:
+        kind = _KIND_BY_PATH.get(call.path)
+        if call.method != "POST" or not call.body:
+            if kind:
+                raise HTTPError(400, "A JSON request body is required.", "invalid_request")
+            return self.router.any_node()
+        try:
+            payload = json.loads(call.body)
+        except ValueError as exc:
+            raise HTTPError(400, f"The request body is not valid JSON: {exc}.", "invalid_json") from None
+        if not isinstance(payload, dict):
+            raise HTTPError(400, "The request body must be a JSON object.", "invalid_request")
+        call.payload = payload
+        model = payload.get("model")
+        if not isinstance(model, str) or not model:
+            if kind:
+                raise HTTPError(400, "The request needs a `model`.", "missing_model", param="model")
+            return self.router.any_node()
+        call.model = model
+        return self.router.resolve(model, kind or "other")
+
+    def upstream_body(self, call: Call, target: Target) -> bytes:
+        """The client's bytes, untouched, unless the model name or the `vampire` field must change."""
+        payload = call.payload
+        if payload is None:
+            return call.body
+        rewrite = "vampire" in payload or (call.model is not None and target.upstream_model != call.model)
+        if not rewrite:
+            return call.body
+        out = {k: v for k, v in payload.items() if k != "vampire"}
+        if call.model is not None and target.upstream_model:
+            out["model"] = target.upstream_model
+        return json.dumps(out, separators=(",", ":")).encode()
+
+    def upstream_headers(self, call: Call, node: Node) -> dict[str, str]:
+        headers = {
+            name.decode("latin-1"): value.decode("latin-1")
+            for name, value in call.headers
+            if name not in _REQUEST_DROP and not name.startswith(b"x-vampire-")
+        }
+        if node.token:
+            headers["Authorization"] = f"Bearer {node.token}"
+        return headers
+
+    async def relay_with_watch(self, call: Call, targets: list[Target], receive: Receive, send: Send) -> None:
+        """Relay, cancelling the upstream request at once if the client goes away meanwhile."""
+        task = asyncio.current_task()
+        watcher = asyncio.ensure_future(receive())
+
+        def on_disconnect(_: Any) -> None:
+            if not call.finished and task is not None:
+                call.gone = True
+                task.cancel()
+
+        watcher.add_done_callback(on_disconnect)
+        try:
+            await self.relay(call, targets, send)
+        except asyncio.CancelledError:
+            if not call.gone or task is None:
+                raise
+            task.uncancel()
+            raise ClientGone from None
+        finally:
+            watcher.remove_done_callback(on_disconnect)
+            watcher.cancel()
+
+    async def relay(self, call: Call, targets: list[Target], send: Send) -> None:
+        last_failure: UpstreamFailed | None = None
+        for position, target in enumerate(targets):
+            node = target.node
+            call.node, call.upstream_model = node, target.upstream_model
+            node.in_flight += 1
+            try:
+                last = position == len(targets) - 1
+                await self.forward(call, target, send, last)
+                return
+            except UpstreamFailed as exc:
+                last_failure = exc
+                log.info("request %s: node %s failed before the first byte (%s)", call.request_id, node.id, exc)
+                if not exc.capacity:
+                    self.registry.report_failure(node, str(exc), auth=exc.auth)
+            finally:
+                node.in_flight -= 1
+        reason = f" Last error: {last_failure}." if last_failure else ""
+        raise HTTPError(503, f"No node could answer the request.{reason}", "no_node_available", headers={"Retry-After": "5"})
+
+    async def open_upstream(self, call: Call, target: Target) -> aiohttp.ClientResponse:
+        """Send the request; a pooled connection the node already closed is retried once on a fresh one."""
+        assert self.http is not None and self.fresh_http is not None
+        node = target.node
+        url, body, headers = call.upstream_url(node), self.upstream_body(call, target), self.upstream_headers(call, node)
+        try:
+            return await self.http.request(call.method, url, data=body, headers=headers)
+        except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
+            if isinstance(exc, aiohttp.ClientConnectorError):
+                raise UpstreamFailed(f"cannot connect: {_describe_error(exc)}") from None
+        try:
+            return await self.fresh_http.request(call.method, url, data=body, headers=headers)
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            raise UpstreamFailed(_describe_error(exc)) from None
+
+    async def forward(self, call: Call, target: Target, send: Send, last: bool) -> None:
+        try:
+            resp = await self.open_upstream(call, target)
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            raise UpstreamFailed(_describe_error(exc)) from None
+        try:
+            if not last and (resp.status >= 500 or resp.status == 429):
+                raise UpstreamFailed(f"HTTP {resp.status}", capacity=resp.status in (429, 503))
+            if resp.status in (401, 403) and not last:
+                raise UpstreamFailed(f"HTTP {resp.status}", auth=True)
+            if resp.status in (401, 403):
+                self.registry.report_failure(target.node, f"HTTP {resp.status}", auth=True)
+            await self.respond(call, target, resp, send)
+        finally:
+            resp.release()
+
+    def response_headers(self, call: Call, target: Target, resp: aiohttp.ClientResponse) -> list[tuple[bytes, bytes]]:
+        headers = [(k.lower(), v) for k, v in resp.raw_headers if k.lower() not in _RESPONSE_DROP]
+        headers += [
+            (b"x-vampire-node", target.node.id.encode()),
+            (b"x-vampire-model", target.upstream_model.encode()),
+            (b"x-vampire-request-id", call.request_id.encode()),
+        ]
+        return headers
+
+    async def respond(self, call: Call, target: Target, resp: aiohttp.ClientResponse, send: Send) -> None:
+        headers = self.response_headers(call, target, resp)
+        if resp.content_length is not None:
+            try:
+                data = await resp.read()
+            except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+                raise UpstreamFailed(_describe_error(exc)) from None
+            self.observe_first_byte(call, target)
+            headers.append((b"content-length", str(len(data)).encode()))
+            call.status, call.finished = resp.status, True
+            await send({"type": "http.response.start", "status": resp.status, "headers": headers})
+            await send({"type": "http.response.body", "body": data})
+            return
+        await self.relay_stream(call, target, resp, headers, send)
+
+    def observe_first_byte(self, call: Call, target: Target) -> None:
+        call.first_byte_s = time.perf_counter() - call.started
+        target.node.observe_latency(call.first_byte_s)
+
+    async def relay_stream(
+        self, call: Call, target: Target, resp: aiohttp.ClientResponse, headers: list[tuple[bytes, bytes]], send: Send
+    ) -> None:
+        # The response starts only once the first chunk is here: until then a failing node can still be
+        # swapped for another without the client seeing anything.
+        chunks = resp.content.iter_any()
+        try:
+            first = await anext(chunks, b"")
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            raise UpstreamFailed(_describe_error(exc)) from None
+        self.observe_first_byte(call, target)
+        call.status = resp.status
+        await send({"type": "http.response.start", "status": resp.status, "headers": headers})
+        await send({"type": "http.response.body", "body": first, "more_body": True})
+        try:
+            async for chunk in chunks:
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            call.error = "upstream_failed_mid_stream"
+            self.registry.report_failure(target.node, _describe_error(exc))
+            content_type = resp.headers.get("content-type", "").encode()
+            message = f"The node {target.node.id} failed mid-stream: {_describe_error(exc)}"
+            await send({"type": "http.response.body", "body": stream_error_frame(call.surface, content_type, message), "more_body": True})
+        call.finished = True
+        await send({"type": "http.response.body", "body": b""})
+
+    async def send_error(self, call: Call, send: Send, exc: HTTPError) -> None:
+        body = error_body(call.surface, exc.status, exc.message, exc.code, exc.param)
+        headers = [
+            (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+            (b"x-vampire-request-id", call.request_id.encode()),
+        ]
+        headers += [(k.lower().encode(), v.encode()) for k, v in exc.headers.items()]
+        call.finished = True
+        await send({"type": "http.response.start", "status": exc.status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+    async def list_models(self, call: Call, send: Send) -> None:
+        detail = b"vampire_detail=true" in call.query
+        models = {mid: self._model_entry(mid, targets, detail) for mid, targets in self.router.index().items()}
+        models[AUTO_MODEL] = {"id": AUTO_MODEL, "object": "model", "created": int(self.app.started_at), "owned_by": "vampire"}
+        requested = call.path[len("/v1/models/"):] if call.path.startswith("/v1/models/") else None
+        if requested is not None:
+            if requested not in models:
+                self.router._raise_unknown(requested)
+            body = models[requested]
+        else:
+            body = {"object": "list", "data": [models[AUTO_MODEL], *(models[k] for k in sorted(models) if k != AUTO_MODEL)]}
+        await send_json(send, 200, body, [(b"x-vampire-request-id", call.request_id.encode())])
+        call.status = 200
+
+    def _model_entry(self, model_id: str, targets: list[Target], detail: bool) -> dict[str, Any]:
+        entry: dict[str, Any] = {"id": model_id, "object": "model", "created": int(self.app.started_at), "owned_by": "vampire"}
+        if detail:
+            entry["vampire"] = {"placement": [
+                {"node": t.node.id, "loaded": t.model.loaded, "type": t.model.type,
+                 "context_length": t.model.context_length, "slots": t.model.slots}
+                for t in targets
+            ]}
+        return entry
+
+
+async def send_json(send: Send, status: int, body: Any, extra: Sequence[tuple[bytes, bytes]] = ()) -> None:
+    data = json.dumps(body).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode()), *extra]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": data})
+
+
+# ── control plane: /vampire/v1/* for people and tools; Starlette, since none of it is a hot path ──────
+
+
+def api_error(status: int, message: str, code: str | None = None, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(json.loads(error_body("openai", status, message, code)), status_code=status, headers=headers)
+
+
+def is_loopback(host: str | None) -> bool:
+    try:
+        return host is not None and ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class ControlPlane:
+    """The owner's API; guarded by the admin token, or by loopback when no token is set."""
+
+    def __init__(self, app: App) -> None:
+        self.app = app
+        self.registry = app.registry
+
+    def routes(self) -> list[Route]:
+        p = "/vampire/v1"
+        return [
+            Route(f"{p}/status", self.status),
+            Route(f"{p}/nodes", self.list_nodes, methods=["GET"]),
+            Route(f"{p}/nodes", self.add_node, methods=["POST"]),
+            Route(f"{p}/nodes/{{node_id:str}}", self.get_node, methods=["GET"]),
+            Route(f"{p}/nodes/{{node_id:str}}", self.patch_node, methods=["PATCH"]),
+            Route(f"{p}/nodes/{{node_id:str}}", self.delete_node, methods=["DELETE"]),
+            Route(f"{p}/nodes/{{node_id:str}}/probe", self.probe_node, methods=["POST"]),
+            Route(f"{p}/models", self.models),
+            Route(f"{p}/discover", self.discover, methods=["POST"]),
+            Route(f"{p}/events", self.events),
+            Route("/", self.dashboard),
+        ]
+
+    def denied(self, request: Request) -> Response | None:
+        token = self.app.settings.admin_token
+        if token:
+            given = request.headers.get("authorization", "")
+            if not secrets.compare_digest(given.encode(), f"Bearer {token}".encode()):
+                return api_error(401, "The admin token is required for this endpoint.", "admin_token_required")
+            return None
+        if not is_loopback(request.client.host if request.client else None):
+            return api_error(403, "Set an admin token to use the control plane from another machine.", "forbidden")
+        return None
+
+    async def status(self, request: Request) -> Response:
+        if denied := self.denied(request):
+            return denied
+        nodes = list(self.registry.nodes.values())
+        return JSONResponse({
+            "version": __version__, "instance": self.app.instance, "share": self.app.settings.share,
+            "nodes_total": len(nodes), "nodes_online": sum(n.health == "online" for n in nodes),
+            "uptime_s": round(time.time() - self.app.started_at, 1),
+        })
+
+    async def list_nodes(self, request: Request) -> Response:
+        if denied := self.denied(request):
+            return denied
+        return JSONResponse({"object": "list", "data": [n.public() for n in self.registry.nodes.values()]})
+
+    async def _json_object(self, request: Request) -> dict[str, Any]:
+        try:
+            body = await request.json()
+        except ValueError:
+            raise HTTPError(400, "The request body is not valid JSON.", "invalid_json") from None
+        if not isinstance(body, dict):
+            raise HTTPError(400, "The request body must be a JSON object.", "invalid_request")
+        return body
+
+    def _node(self, request: Request) -> Node:
+        node = self.registry.find(request.path_params["node_id"])
+        if node is None:
+            raise HTTPError(404, f"No node `{request.path_params['node_id']}`.", "node_not_found")
+        return node
+
+    async def add_node(self, request: Request) -> Response:
+        if denied := self.denied(request):
+            return denied
+        body = await self._json_object(request)
+        url = body.get("url")
+        if not isinstance(url, str) or not url:
+            raise HTTPError(400, "`url` is required.", "invalid_request", param="url")
+        try:
+            node = await self.registry.add(
+                url, token=_opt_str(body, "token"), name=_opt_str(body, "name"),
+                trusted=bool(body.get("trusted", True)), tags=[str(t) for t in body.get("tags") or []],
+            )
+        except (NodeRefused, ConfigError) as exc:
+            raise HTTPError(400, str(exc), "node_refused") from None
+        self.app.audit("node.add", request, node=node.id)
+        return JSONResponse(node.public(), status_code=201)
+
+    async def get_node(self, request: Request) -> Response:
+        if denied := self.denied(request):
+            return denied
+        return JSONResponse(self._node(request).public())
+
+    async def patch_node(self, request: Request) -> Response:
+        if denied := self.denied(request):
+            return denied
+        node = self._node(request)
+        body = await self._json_object(request)
+        changes: dict[str, Any] = {}
+        if "name" in body:
+            changes["name"] = str(body["name"])
+        if "trusted" in body:
+            changes["trusted"] = bool(body["trusted"])
+        if "token" in body:
+            changes["token"] = _opt_str(body, "token")
+        if "state" in body:
+            state = body["state"]
+            if state not in ("online", "draining", "disabled"):
+                raise HTTPError(400, "`state` must be online, draining or disabled.", "invalid_request", param="state")
+            changes["admin_state"] = "active" if state == "online" else state
+        self.registry.update(node, **changes)
+        if "token" in changes or changes.get("admin_state") == "active":
+            await self.registry.probe(node)
+        self.app.audit("node.update", request, node=node.id, fields=sorted(changes))
+        return JSONResponse(node.public())
+
+    async def delete_node(self, request: Request) -> Response:
+        if denied := self.denied(request):
+            return denied
+        node = self._node(request)
+        self.registry.remove(node)
+        self.app.audit("node.remove", request, node=node.id)
+        return JSONResponse({"id": node.id, "deleted": True})
+
+    async def probe_node(self, request: Request) -> Response:
+        if denied := self.denied(request):
+            return denied
+        node = self._node(request)
+        await self.registry.probe(node)
+        return JSONResponse(node.public())
+
+    async def models(self, request: Request) -> Response:
+        if denied := self.denied(request):
+            return denied
+        rows = [
+            m.public() | {"node": n.id, "node_state": n.state}
+            for n in self.registry.nodes.values() for m in n.models
+        ]
+        return JSONResponse({"object": "list", "data": rows})
+
+    async def discover(self, request: Request) -> Response:
+        if denied := self.denied(request):
+            return denied
+        body = await self._json_object(request) if await request.body() else {}
+        subnets = body.get("subnets") or ["127.0.0.0/24"]
+        ports = body.get("ports") or list(DISCOVERY_PORTS)
+        if not isinstance(subnets, list) or not isinstance(ports, list) or not all(isinstance(p, int) for p in ports):
+            raise HTTPError(400, "`subnets` is a list of CIDRs and `ports` a list of integers.", "invalid_request")
+        timeout = float(body.get("timeout_ms", 500)) / 1000.0
+        try:
+            found = await discover(
+                self.app.probe_http(), [str(s) for s in subnets], ports, timeout=timeout,
+                allow_public=self.app.settings.allow_public_nodes,
+            )
+        except NodeRefused as exc:
+            raise HTTPError(400, str(exc), "invalid_request") from None
+        if body.get("add"):
+            await self.app.add_discovered(found)
+        self.app.audit("discover", request, subnets=subnets, found=len(found))
+        return JSONResponse({"object": "list", "data": [f.public() for f in found]})
+
+    async def events(self, request: Request) -> Response:
+        if denied := self.denied(request):
+            return denied
+        queue = self.app.events.subscribe()
+
+        async def stream() -> Any:
+            try:
+                yield b": connected\n\n"
+                while True:
+                    try:
+                        event = await asyncio.wait_for(queue.get(), 15)
+                    except TimeoutError:
+                        yield b": keep-alive\n\n"
+                        continue
+                    yield f"event: {event.kind}\ndata: {json.dumps(event.data)}\n\n".encode()
+            finally:
+                self.app.events.unsubscribe(queue)
+
+        return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-store"})
+
+    async def dashboard(self, request: Request) -> Response:
+        if denied := self.denied(request):
+            return denied
+        return HTMLResponse(DASHBOARD_HTML)
+
+
+def _opt_str(body: dict[str, Any], key: str) -> str | None:
+    value = body.get(key)
+    return str(value) if value not in (None, "") else None
+
+
+async def _http_error_handler(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPError)
+    return api_error(exc.status, exc.message, exc.code, exc.headers)
+
+
+async def _not_found(request: Request, exc: Exception) -> Response:
+    status = getattr(exc, "status_code", 404)
+    if status == 405:
+        return api_error(405, f"{request.method} is not allowed on {request.url.path}.", "method_not_allowed")
+    return api_error(404, f"No such endpoint: {request.url.path}.", "not_found")
+
+
+async def _server_error(request: Request, exc: Exception) -> Response:
+    log.exception("control plane request %s failed", request.url.path)
+    return api_error(500, "Internal gateway error.", "internal_error")
+
+
+# ── app: one gateway instance; several can live in one process (tests), nothing global ────────────────
+
+
+class App:
+    """Everything one running gateway owns; the ASGI entry point dispatches the hot path itself."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.instance = secrets.token_hex(4)
+        self.started_at = time.time()
+        self.events = EventBus()
+        self.store = Store(settings.db_path)
+        self.registry = Registry(settings, self.store, self.events)
+        self.router = Router(self.registry)
+        self.gateway = Gateway(self)
+        self.control = ControlPlane(self)
+        self.demo_nodes: list[Any] = []
+        self._tasks: list[asyncio.Task[Any]] = []
+        self.starlette = Starlette(
+            routes=self.control.routes(),
+            exception_handlers={HTTPError: _http_error_handler, 404: _not_found, 405: _not_found, 500: _server_error},
+            lifespan=self._lifespan,
+        )
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            path = scope["path"]
+            if path.startswith("/v1/"):
+                await self.gateway.handle(scope, receive, send)
+                return
+            if path == "/healthz":
+                await send_json(send, 200, {"status": "ok"})
+                return
+        await self.starlette(scope, receive, send)
+
+    @contextlib.asynccontextmanager
+    async def _lifespan(self, _app: Starlette) -> Any:
+        await self.start()
+        try:
+            yield
+        finally:
+            await self.stop()
+
+    async def start(self) -> None:
+        s = self.settings
+        resolver = GuardedResolver(lambda: s.allow_public_nodes)
+        timeout = aiohttp.ClientTimeout(total=None, connect=s.connect_timeout_s, sock_read=s.first_byte_timeout_s)
+        self.gateway.http = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0, resolver=resolver), timeout=timeout, auto_decompress=False,
+            skip_auto_headers=("Accept-Encoding", "User-Agent"),
+        )
+        self.gateway.fresh_http = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0, force_close=True, resolver=GuardedResolver(lambda: s.allow_public_nodes)),
+            timeout=timeout, auto_decompress=False, skip_auto_headers=("Accept-Encoding", "User-Agent"),
+        )
+        self.registry.http = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=64, resolver=GuardedResolver(lambda: s.allow_public_nodes))
+        )
+        self.registry.load()
+        self.registry.merge_configured(s.nodes)
+        if s.demo:
+            self.registry.merge_configured(await self.start_demo_nodes(), source="demo")
+        await asyncio.gather(*(self.registry.probe(n) for n in self.registry.nodes.values()
+                               if n.admin_state != "disabled"), return_exceptions=True)
+        if not self.registry.nodes and s.discover_local:
+            await self.find_local_nodes()
+        self._tasks.append(asyncio.get_running_loop().create_task(self.registry.refresh_forever()))
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for session in (self.gateway.http, self.gateway.fresh_http, self.registry.http):
+            if session is not None:
+                await session.close()
+        for node in self.demo_nodes:
+            await node.stop()
+        self.store.close()
+
+    def probe_http(self) -> aiohttp.ClientSession:
+        assert self.registry.http is not None
+        return self.registry.http
+
+    async def start_demo_nodes(self) -> list[str]:
+        """Two emulated LM Studio nodes holding different models, so the product works with none around."""
+        specs = [
+            "qwen/qwen3-4b:llm:loaded,text-embedding-nomic-embed-text-v1.5:embedding:loaded",
+            "google/gemma-3-4b:vlm:loaded,mistralai/ministral-3b:llm",
+        ]
+        urls = []
+        for spec in specs:
+            node = MockNode(parse_model_specs(spec), tps=40.0, load_delay=1.0)
+            urls.append(await node.start("127.0.0.1", 0))
+            self.demo_nodes.append(node)
+        return urls
+
+    async def find_local_nodes(self) -> None:
+        """With no nodes configured, look for LM Studio and Ollama on this machine; its owner runs us."""
+        for port in DISCOVERY_PORTS:
+            url = f"http://127.0.0.1:{port}"
+            result = await interrogate(self.probe_http(), url, None, 1.0)
+            if result.health != "offline":
+                log.info("found a local %s node at %s", result.kind, url)
+                await self.registry.add(url, trusted=True, source="local")
+
+    async def add_discovered(self, found: list[Found]) -> None:
+        for item in found:
+            if self.registry.by_url(split_node_spec(item.url)[0]) is None:
+                await self.registry.add(item.url, trusted=False, source="discovered")
+                item.added = True
+
+    def request_done(self, call: Call) -> None:
+        summary = call.summary()
+        self.events.publish("request", summary)
+        if log.isEnabledFor(logging.INFO):
+            log.info("request", extra={"fields": summary})
+
+    def audit(self, action: str, request: Request, **details: Any) -> None:
+        who = "admin-token" if self.settings.admin_token else "loopback"
+        where = request.client.host if request.client else None
+        log.info("audit", extra={"fields": {"action": action, "who": who, "from": where, **details}})
+
+
+DASHBOARD_HTML = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width,initial-scale=1">
+<title>Vampire</title>
+<style>body{font:15px/1.5 system-ui,sans-serif;margin:2rem auto;max-width:52rem;padding:0 1rem;color:#222}
+table{border-collapse:collapse;width:100%}td,th{border-bottom:1px solid #ddd;padding:.3rem .5rem;text-align:left}
+code{background:#f3f3f3;padding:0 .3rem}</style></head>
+<body><h1>Vampire</h1>
+<p>Endpoint: <code id="base"></code> &middot; point any OpenAI client at it.</p>
+<table><thead><tr><th>Node</th><th>State</th><th>Kind</th><th>Models</th></tr></thead><tbody id="nodes"></tbody></table>
+<script>
+document.getElementById("base").textContent = location.origin + "/v1";
+async function load() {
+  const r = await fetch("/vampire/v1/nodes");
+  if (!r.ok) return;
+  const rows = (await r.json()).data.map(n => {
+    const tr = document.createElement("tr");
+    for (const v of [n.name, n.state, n.kind + (n.version ? " " + n.version : ""),
+                     n.models.map(m => m.id + (m.loaded ? " (loaded)" : "")).join(", ")]) {
+      const td = document.createElement("td"); td.textContent = v; tr.appendChild(td);
+    }
+    return tr;
+  });
+  document.getElementById("nodes").replaceChildren(...rows);
+}
+load(); setInterval(load, 5000);
+</script></body></html>
+"""
+
+
+# ── emulator: a deterministic LM Studio (and Ollama, generic OpenAI) node for demos, CI jobs and tests ─
+
+EMULATOR_PLACEHOLDER = True
+
+
+# ── CLI: `vampire <command>`; exit 0 ok, 1 failure, 2 bad usage ───────────────────────────────────────
+
+
+class JsonLogFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        line: dict[str, Any] = {"time": round(record.created, 3), "level": record.levelname.lower(), "msg": record.getMessage()}
+        line.update(getattr(record, "fields", {}))
+        if record.exc_info:
+            line["exc"] = self.formatException(record.exc_info)
+        return json.dumps(line, default=str)
+
+
+class TextLogFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        fields = getattr(record, "fields", None)
+        text = super().format(record)
+        if fields:
+            text += " " + " ".join(f"{k}={v}" for k, v in fields.items() if v is not None)
+        return text
+
+
+def setup_logging(level: str, fmt: str) -> None:
+    handler = logging.StreamHandler()
+    handler.setFormatter(JsonLogFormatter() if fmt == "json" else TextLogFormatter("%(asctime)s %(levelname)s %(message)s"))
+    root = logging.getLogger("vampire")
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    root.propagate = False
+
+
+def load_settings(args: argparse.Namespace, **overrides: Any) -> Settings:
+    return Settings.load(config_file=getattr(args, "config", None), **overrides)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    settings = load_settings(
+        args, host=args.host, port=args.port, nodes=args.node, demo=args.demo, log_format=args.log_format,
+        allow_public_nodes=args.allow_public_nodes,
+    )
+    if not is_loopback_host(settings.host) and not settings.admin_token and not args.insecure:
+        print(f"Refusing to listen on {settings.host} without an admin token (set VAMPIRE_ADMIN_TOKEN) "
+              "or --insecure.", file=sys.stderr)
+        return 1
+    setup_logging(settings.log_level, settings.log_format)
+    app = App(settings)
+    config = uvicorn.Config(
+        app, host=settings.host, port=settings.port, log_level=settings.log_level, access_log=False,
+        server_header=False, lifespan="on", timeout_graceful_shutdown=3,
+    )
+    server = uvicorn.Server(config)
+    announce = print_banner(settings, server, args.open)
+    try:
+        asyncio.run(serve_with_banner(server, announce))
+    except KeyboardInterrupt:
+        pass  # a second Ctrl-C (one-file builds forward SIGINT twice) ends the wait, not with a traceback
+    return 0 if server.started or not server.should_exit else 1
+
+
+def is_loopback_host(host: str) -> bool:
+    return host in ("localhost", "") or is_loopback(host)
+
+
+async def serve_with_banner(server: Any, announce: Callable[[], None]) -> None:
+    task = asyncio.create_task(server.serve())
+    while not server.started and not task.done():
+        await asyncio.sleep(0.02)
+    if server.started:
+        announce()
+    await task
+
+
+def print_banner(settings: Settings, server: Any, open_browser: bool) -> Callable[[], None]:
+    def announce() -> None:
+        port = settings.port
+        with contextlib.suppress(Exception):
+            port = server.servers[0].sockets[0].getsockname()[1]
+        base = f"http://{'127.0.0.1' if settings.host in ('0.0.0.0', '::') else settings.host}:{port}"
+        print(f"Vampire {__version__} is listening: OpenAI endpoint {base}/v1, dashboard {base}/ (Ctrl-C stops it)",
+              flush=True)
+        if open_browser:
+            import webbrowser
+
+            webbrowser.open(base + "/")
+
+    return announce
+
+
+def cmd_version(args: argparse.Namespace) -> int:
+    print(f"vampire {__version__}")
+    return 0
+
+
+def cmd_mock_node(args: argparse.Namespace) -> int:
+    try:
+        models = parse_model_specs(args.models)
+    except ValueError as exc:
+        print(f"--models: {exc}", file=sys.stderr)
+        return 2
+    node = MockNode(
+        models, flavor=args.flavor, version=args.lmstudio_version, token=args.token, load_delay=args.load_delay,
+        tps=args.tps, close_after_response=args.close_after_response,
+    )
+
+    async def run() -> None:
+        url = await node.start(args.host, args.port)
+        print(f"mock {args.flavor} node {url} serving {', '.join(m.id for m in models)} (Ctrl-C stops it)", flush=True)
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await node.stop()
+
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(run())
+    return 0
+
+
+class GatewayClient:
+    """The CLI's way to the running gateway's control plane."""
+
+    def __init__(self, settings: Settings, url: str | None = None) -> None:
+        import httpx
+
+        host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
+        self.base = url or f"http://{host}:{settings.port}"
+        headers = {"Authorization": f"Bearer {settings.admin_token}"} if settings.admin_token else {}
+        self.http = httpx.Client(base_url=self.base, headers=headers, timeout=60.0)
+
+    def call(self, method: str, path: str, **kwargs: Any) -> Any:
+        import httpx
+
+        try:
+            resp = self.http.request(method, path, **kwargs)
+        except httpx.HTTPError as exc:
+            raise CLIError(f"cannot reach the gateway at {self.base} ({exc}); start it with `vampire serve`") from None
+        body = resp.json() if resp.headers.get("content-type", "").startswith("application/json") else resp.text
+        if resp.status_code >= 400:
+            message = body.get("error", {}).get("message") if isinstance(body, dict) else body
+            raise CLIError(f"{resp.status_code}: {message}")
+        return body
+
+
+class CLIError(Exception):
+    """A command failed in a way the person can act on; printed without a traceback."""
+
+
+def print_table(rows: list[list[Any]], header: list[str]) -> None:
+    cells = [header, *[["" if c is None else str(c) for c in row] for row in rows]]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    for row in cells:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    status = GatewayClient(load_settings(args), args.url).call("GET", "/vampire/v1/status")
+    for key, value in status.items():
+        print(f"{key:13} {value}")
+    return 0
+
+
+def cmd_nodes(args: argparse.Namespace) -> int:
+    client = GatewayClient(load_settings(args), args.url)
+    action = args.action
+    if action == "list":
+        nodes = client.call("GET", "/vampire/v1/nodes")["data"]
+        rows = [[n["id"], n["state"], "yes" if n["trusted"] else "no", f"{n['kind']} {n['version'] or ''}".strip(),
+                 ", ".join(m["id"] + ("*" if m["loaded"] else "") for m in n["models"]), n["url"]] for n in nodes]
+        print_table(rows, ["ID", "STATE", "TRUSTED", "KIND", "MODELS (* loaded)", "URL"])
+        return 0
+    if action == "add":
+        url, token = split_node_spec(args.target)
+        node = client.call("POST", "/vampire/v1/nodes", json={"url": url, "token": args.token or token, "name": args.name})
+        print(f"added {node['id']} ({node['state']})")
+        return 0
+    if action == "remove":
+        client.call("DELETE", f"/vampire/v1/nodes/{args.target}")
+        print(f"removed {args.target}")
+        return 0
+    if action == "probe":
+        node = client.call("POST", f"/vampire/v1/nodes/{args.target}/probe")
+        print(f"{node['id']}: {node['state']} {node['kind']} {node['version'] or ''}".rstrip())
+        return 0
+    patch = {"drain": {"state": "draining"}, "undrain": {"state": "online"}, "trust": {"trusted": True},
+             "untrust": {"trusted": False}, "disable": {"state": "disabled"}, "enable": {"state": "online"}}[action]
+    node = client.call("PATCH", f"/vampire/v1/nodes/{args.target}", json=patch)
+    print(f"{node['id']}: {node['state']}, {'trusted' if node['trusted'] else 'untrusted'}")
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    rows = GatewayClient(load_settings(args), args.url).call("GET", "/vampire/v1/models")["data"]
+    print_table(
+        [[m["id"], m["node"], m["type"], "yes" if m["loaded"] else "no", m["context_length"], m["slots"]] for m in rows],
+        ["MODEL", "NODE", "TYPE", "LOADED", "CONTEXT", "SLOTS"],
+    )
+    return 0
+
+
+def cmd_discover(args: argparse.Namespace) -> int:
+    settings = load_settings(args)
+    subnets = args.subnet or ["127.0.0.0/24"]
+    ports = args.port or list(DISCOVERY_PORTS)
+    progress = ProgressBar(sys.stderr)
+
+    async def run() -> list[Found]:
+        async with aiohttp.ClientSession() as http:
+            return await discover(http, subnets, ports, timeout=args.timeout, allow_public=args.allow_public,
+                                  on_progress=progress.update)
+
+    started = time.perf_counter()
+    try:
+        found = asyncio.run(run())
+    except NodeRefused as exc:
+        print(f"discover: {exc}", file=sys.stderr)
+        return 2
+    progress.finish()
+    print_table([[f.url, f.kind, f.version, f.health, ", ".join(f.models)] for f in found],
+                ["URL", "KIND", "VERSION", "STATE", "MODELS"])
+    print(f"{len(found)} node(s) found in {time.perf_counter() - started:.2f} s", file=sys.stderr)
+    if args.add and found:
+        client = GatewayClient(settings, args.url)
+        for item in found:
+            with contextlib.suppress(CLIError):
+                client.call("POST", "/vampire/v1/nodes", json={"url": item.url, "trusted": False})
+                print(f"added {item.url} as untrusted; `vampire nodes trust ID` lets it serve traffic")
+    return 0
+
+
+class ProgressBar:
+    def __init__(self, stream: Any, width: int = 30) -> None:
+        self.stream, self.width, self.shown = stream, width, False
+
+    def update(self, done: int, total: int) -> None:
+        filled = self.width * done // max(1, total)
+        self.stream.write(f"\rscanning [{'#' * filled}{'.' * (self.width - filled)}] {done}/{total}")
+        self.stream.flush()
+        self.shown = True
+
+    def finish(self) -> None:
+        if self.shown:
+            self.stream.write("\n")
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    import httpx
+
+    settings = load_settings(args)
+    base = args.url or f"http://{'127.0.0.1' if settings.host in ('0.0.0.0', '::') else settings.host}:{settings.port}"
+    body = {"model": args.model, "stream": True, "messages": [{"role": "user", "content": args.prompt}]}
+    with httpx.Client(timeout=None) as http, http.stream("POST", f"{base}/v1/chat/completions", json=body) as resp:
+        if resp.status_code != 200:
+            resp.read()
+            print(f"error {resp.status_code}: {resp.text}", file=sys.stderr)
+            return 1
+        for line in resp.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                chunk = json.loads(line[6:])
+                if "error" in chunk:
+                    print(f"\nerror: {chunk['error'].get('message')}", file=sys.stderr)
+                    return 1
+                for choice in chunk.get("choices", []):
+                    print(choice.get("delta", {}).get("content") or "", end="", flush=True)
+    print()
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vampire", description="One private OpenAI-compatible endpoint over shared LM Studio nodes.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    def command(name: str, handler: Callable[[argparse.Namespace], int], help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("--config", type=Path, help="settings file (default: vampire.toml in the user config dir)")
+        p.set_defaults(handler=handler)
+        return p
+
+    serve = command("serve", cmd_serve, "run the gateway in the foreground")
+    serve.add_argument("--host", help="address to listen on (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port (default 7777)")
+    serve.add_argument("--node", action="append", default=[], metavar="URL[#TOKEN]", help="a node to use (repeatable)")
+    serve.add_argument("--demo", action="store_true", help="also start two emulated LM Studio nodes")
+    serve.add_argument("--open", action="store_true", help="open the dashboard in a browser once listening")
+    serve.add_argument("--log-format", choices=["text", "json"])
+    serve.add_argument("--insecure", action="store_true", help="allow a non-loopback bind without an admin token")
+    serve.add_argument("--allow-public-nodes", action="store_true", help="allow node URLs with public addresses")
+
+    command("version", cmd_version, "print the version")
+
+    mock = command("mock-node", cmd_mock_node, "run a deterministic LM Studio emulator (for demos, CI and tests)")
+    mock.add_argument("--host", default="127.0.0.1")
+    mock.add_argument("--port", type=int, default=LMSTUDIO_PORT)
+    mock.add_argument("--models", default="qwen/qwen3-4b:llm:loaded,text-embedding-nomic-embed-text-v1.5:embedding",
+                      help="id[:type][:loaded],… (type llm|vlm|embedding)")
+    mock.add_argument("--flavor", choices=["lmstudio", "ollama", "openai"], default="lmstudio")
+    mock.add_argument("--lmstudio-version", default="0.4.6", help="0.3.x or 0.4.x")
+    mock.add_argument("--token", help="require this API token (LM Studio 0.4+)")
+    mock.add_argument("--load-delay", type=float, default=0.0, help="seconds a JIT load takes")
+    mock.add_argument("--tps", type=float, default=0.0, help="generated tokens per second (0 = unlimited)")
+    mock.add_argument("--close-after-response", action="store_true", help="drop keep-alive connections like llama-server")
+
+    for name, handler, text in (("status", cmd_status, "show the running gateway's status"),
+                                ("models", cmd_models, "list models and where they are placed")):
+        p = command(name, handler, text)
+        p.add_argument("--url", help="gateway URL (default from settings)")
+
+    nodes = command("nodes", cmd_nodes, "list and manage nodes")
+    nodes.add_argument("action", choices=["list", "add", "remove", "drain", "undrain", "trust", "untrust",
+                                          "disable", "enable", "probe"])
+    nodes.add_argument("target", nargs="?", help="node URL (add) or node ID")
+    nodes.add_argument("--token", help="the node owner's API token (add)")
+    nodes.add_argument("--name", help="a friendly name (add)")
+    nodes.add_argument("--url", help="gateway URL (default from settings)")
+
+    disc = command("discover", cmd_discover, "scan private networks for LM Studio / Ollama nodes")
+    disc.add_argument("--subnet", action="append", help="CIDR to scan (repeatable; default 127.0.0.0/24)")
+    disc.add_argument("--port", action="append", type=int, help="port to probe (repeatable; default 1234 and 11434)")
+    disc.add_argument("--timeout", type=float, default=0.5, help="per-probe timeout in seconds")
+    disc.add_argument("--add", action="store_true", help="add what is found as untrusted nodes")
+    disc.add_argument("--allow-public", action="store_true", help="allow scanning public ranges")
+    disc.add_argument("--url", help="gateway URL for --add (default from settings)")
+
+    chat = command("chat", cmd_chat, "ask a model and stream the answer")
+    chat.add_argument("prompt")
+    chat.add_argument("--model", default=AUTO_MODEL)
+    chat.add_argument("--url", help="gateway URL (default from settings)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        args = parser.parse_args(["serve", "--open"])
+    try:
+        return int(args.handler(args))
+    except (CLIError, ConfigError, NodeRefused) as exc:
+        print(f"vampire {args.command}: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
