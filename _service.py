@@ -668,16 +668,15 @@ def _terminate(pid: int, timeout: float) -> bool:
     return _wait_gone(pid, 5.0)
 
 
-def _spawn_detached(argv: list[str], log: Path) -> subprocess.Popen[bytes]:
+def _spawn_detached(argv: list[str], log: Path) -> tuple[int, Callable[[], int | None]]:
+    """Start argv in its own session, output to `log`; return its pid and a poll for its exit code."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    with log.open("ab") as fh:
-        if sys.platform == "win32":
-            flags = (
-                subprocess.DETACHED_PROCESS
-                | subprocess.CREATE_NEW_PROCESS_GROUP
-                | subprocess.CREATE_NO_WINDOW
-            )
-            return subprocess.Popen(
+    if sys.platform == "win32":
+        flags = (
+            subprocess.DETACHED_PROCESS | subprocess.CREATE_NEW_PROCESS_GROUP | subprocess.CREATE_NO_WINDOW
+        )
+        with log.open("ab") as fh:
+            proc = subprocess.Popen(
                 argv,
                 stdin=subprocess.DEVNULL,
                 stdout=fh,
@@ -685,14 +684,33 @@ def _spawn_detached(argv: list[str], log: Path) -> subprocess.Popen[bytes]:
                 env=env,
                 creationflags=flags,
             )
-        return subprocess.Popen(
+        return proc.pid, proc.poll
+    # posix_spawn rather than Popen: the process is meant to outlive us, and an abandoned Popen object
+    # complains that its child is still running.
+    fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        pid = os.posix_spawnp(
+            argv[0],
             argv,
-            stdin=subprocess.DEVNULL,
-            stdout=fh,
-            stderr=subprocess.STDOUT,
-            env=env,
-            start_new_session=True,
+            env,
+            file_actions=[
+                (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+                (os.POSIX_SPAWN_DUP2, fd, 1),
+                (os.POSIX_SPAWN_DUP2, fd, 2),
+            ],
+            setsid=True,
         )
+    finally:
+        os.close(fd)
+
+    def poll() -> int | None:
+        try:
+            done, status = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            return -1
+        return os.waitstatus_to_exitcode(status) if done == pid else None
+
+    return pid, poll
 
 
 def start_background(
@@ -716,11 +734,11 @@ def start_background(
         start = fh.seek(0, os.SEEK_END)
         fh.write(f"--- vampire up {time.strftime('%Y-%m-%d %H:%M:%S')}: {shlex.join(argv)}\n".encode())
     try:
-        proc = _spawn_detached(argv, log)
+        pid, poll = _spawn_detached(argv, log)
     except OSError as exc:
         return 1, f"could not start {shlex.join(argv)}: {exc}"
     tmp = pidfile.with_name(f".{PIDFILE_NAME}.tmp")
-    tmp.write_text(f"{proc.pid}\n{shlex.join(argv)}\n", encoding="utf-8")
+    tmp.write_text(f"{pid}\n{shlex.join(argv)}\n", encoding="utf-8")
     os.replace(tmp, pidfile)
     deadline = time.monotonic() + timeout
     reason = f"{health_url} did not answer within {timeout:g}s"
@@ -728,17 +746,15 @@ def start_background(
         if _healthy(health_url):
             return (
                 0,
-                f"Vampire is listening on {base} (pid {proc.pid}; log {log}; stop it with `vampire down`)",
+                f"Vampire is listening on {base} (pid {pid}; log {log}; stop it with `vampire down`)",
             )
-        code = proc.poll()
+        code = poll()
         if code is not None:
             reason = f"the process exited with code {code} before answering"
             break
         time.sleep(0.05)
-    if proc.poll() is None:
-        _terminate(proc.pid, 5.0)
-    with contextlib.suppress(ChildProcessError, subprocess.TimeoutExpired):
-        proc.wait(timeout=5)
+    if poll() is None:
+        _terminate(pid, 5.0)
     pidfile.unlink(missing_ok=True)
     tail = _log_tail(log, start)
     return 1, f"Vampire did not start: {reason}." + (f"\nlast lines of {log}:\n{tail}" if tail else "")

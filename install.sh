@@ -202,9 +202,11 @@ path_advice() { # bin_dir
 }
 
 install_service() { # bin_dir
+    local cmd=vampire
+    on_path "$1" || cmd="$1/vampire"
     say ""
     if [ "${VAMPIRE_NO_SERVICE:-0}" = 1 ]; then
-        say "VAMPIRE_NO_SERVICE=1: the background service was not installed. Start Vampire with: vampire up"
+        say "VAMPIRE_NO_SERVICE=1: the background service was not installed. Start Vampire with: $cmd up"
         return 0
     fi
     say "Registering the per-user background service ..."
@@ -214,8 +216,8 @@ install_service() { # bin_dir
         say ""
         say "NOTICE: the background service was not started: no per-user service manager is running here"
         say "(a container, CI, or a machine without a login session). Vampire itself is installed."
-        say "Start it when you need it:  vampire up      (stop it with: vampire down)"
-        say "or in the foreground:       vampire serve"
+        say "Start it when you need it:  $cmd up      (stop it with: $cmd down)"
+        say "or in the foreground:       $cmd serve"
     fi
 }
 

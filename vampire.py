@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import hashlib
 import ipaddress
 import json
 import logging
@@ -32,10 +33,10 @@ from urllib.parse import urlsplit
 
 import aiohttp
 import platformdirs
+from starlette import routing
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
-from starlette.routing import Route
 
 __version__ = "0.1.0"
 
@@ -229,6 +230,7 @@ class Store:
         tags TEXT NOT NULL DEFAULT '[]', source TEXT NOT NULL, added_at REAL NOT NULL
     );
     CREATE TABLE IF NOT EXISTS settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+    CREATE TABLE IF NOT EXISTS routes (id TEXT PRIMARY KEY, body TEXT NOT NULL);
     """
 
     def __init__(self, path: Path) -> None:
@@ -261,6 +263,18 @@ class Store:
     def delete_node(self, node_id: str) -> None:
         self.db.execute("DELETE FROM nodes WHERE id = ?", (node_id,))
 
+    def routes(self) -> list[dict[str, Any]]:
+        return [json.loads(row[0]) for row in self.db.execute("SELECT body FROM routes ORDER BY id")]
+
+    def save_route(self, route: dict[str, Any]) -> None:
+        self.db.execute(
+            "INSERT INTO routes (id, body) VALUES (?, ?) ON CONFLICT(id) DO UPDATE SET body = excluded.body",
+            (route["id"], json.dumps(route)),
+        )
+
+    def delete_route(self, route_id: str) -> None:
+        self.db.execute("DELETE FROM routes WHERE id = ?", (route_id,))
+
     def get_setting(self, key: str) -> str | None:
         row = self.db.execute("SELECT value FROM settings WHERE key = ?", (key,)).fetchone()
         return None if row is None else str(row[0])
@@ -289,6 +303,7 @@ class ModelInfo:
     context_length: int | None = None
     max_context_length: int | None = None
     capabilities: list[str] = field(default_factory=list)  # vision, tools, reasoning
+    capabilities_known: bool = False  # only a node that reports capabilities can be held to them
     slots: int = DEFAULT_SLOTS
     format: str | None = None
     quantization: str | None = None
@@ -349,6 +364,8 @@ class Node:
     health: str = "unknown"  # unknown | online | offline | unauthorized
     models: list[ModelInfo] = field(default_factory=list)
     in_flight: int = 0
+    busy: dict[str, int] = field(default_factory=dict)  # in flight per model id
+    circuit: Circuit = field(default_factory=lambda: Circuit())
     latency_ms: float | None = None
     last_seen: float | None = None
     last_error: str | None = None
@@ -385,7 +402,7 @@ class Node:
         return {
             "id": self.id, "name": self.name, "url": self.url, "kind": self.kind, "version": self.version,
             "state": self.state, "trusted": self.trusted, "tier": self.tier, "token": mask_secret(self.token),
-            "tags": self.tags, "source": self.source, "in_flight": self.in_flight,
+            "tags": self.tags, "source": self.source, "in_flight": self.in_flight, "circuit": self.circuit.state,
             "latency_ms": None if self.latency_ms is None else round(self.latency_ms, 2),
             "last_seen": self.last_seen, "last_error": self.last_error,
             "models": [m.public() for m in self.models],
@@ -522,7 +539,7 @@ def _model_from_lmstudio_v1(raw: dict[str, Any]) -> ModelInfo:
     return ModelInfo(
         id=str(raw.get("key") or raw.get("id") or ""), type=kind, loaded=bool(instances),
         instances=[str(i.get("id")) for i in instances], context_length=config.get("context_length"),
-        max_context_length=raw.get("max_context_length"), capabilities=capabilities,
+        max_context_length=raw.get("max_context_length"), capabilities=capabilities, capabilities_known=True,
         slots=int(config.get("parallel") or DEFAULT_SLOTS), format=raw.get("format"),
         quantization=quant.get("name") if isinstance(quant, dict) else quant, size_bytes=raw.get("size_bytes"),
     )
@@ -547,7 +564,8 @@ def _model_from_lmstudio_v0(raw: dict[str, Any]) -> ModelInfo:
     return ModelInfo(
         id=str(raw.get("id", "")), type=kind, loaded=loaded, instances=[str(raw.get("id"))] if loaded else [],
         context_length=raw.get("loaded_context_length"), max_context_length=raw.get("max_context_length"),
-        capabilities=capabilities, format=raw.get("compatibility_type"), quantization=raw.get("quantization"),
+        capabilities=capabilities, capabilities_known="capabilities" in raw, format=raw.get("compatibility_type"),
+        quantization=raw.get("quantization"),
     )
 
 
@@ -570,6 +588,7 @@ async def _interrogate_ollama(
             id=name, type=kind, loaded=loaded is not None, instances=[name] if loaded else [],
             context_length=(loaded or {}).get("context_length"),
             capabilities=[c for c, k in (("vision", "vision"), ("tools", "tools"), ("reasoning", "thinking")) if k in caps],
+            capabilities_known=bool(caps),
             format=details.get("format"), quantization=details.get("quantization_level"), size_bytes=raw.get("size"),
         ))
     return Interrogation("online", "ollama", version, models)
@@ -766,6 +785,10 @@ class Registry:
         node.last_error = reason
         if auth:
             node.auth_failures += 1
+        self.report_change(node)
+
+    def report_change(self, node: Node) -> None:
+        """Something the data plane did changed the node (a JIT load, a failure): re-read it now."""
         if node.id not in self._probing:
             task = asyncio.get_running_loop().create_task(self.probe(node))
             self._probing[node.id] = task
@@ -864,6 +887,9 @@ async def discover(
 
 
 AUTO_MODEL = "vampire:auto"
+STRATEGIES = ("auto", "round_robin", "least_busy", "least_latency", "model_affinity", "trusted_only")
+IMAGE_PART_TYPES = frozenset({"image_url", "image", "input_image"})
+OWNER_SOURCES = frozenset({"config", "local", "demo"})
 
 
 class HTTPError(Exception):
@@ -878,6 +904,102 @@ class HTTPError(Exception):
         self.headers = headers or {}
 
 
+def unavailable(message: str, code: str = "no_node_available", retry_after: int = 5) -> HTTPError:
+    return HTTPError(503, message, code, headers={"Retry-After": str(retry_after)})
+
+
+@dataclass
+class Needs:
+    """What a request asks of a model, read cheaply from its body."""
+
+    kind: str = "other"  # chat | completion | embedding | other
+    vision: bool = False
+    tools: bool = False
+    prompt_tokens: int = 0
+
+
+def needs_of(kind: str, payload: dict[str, Any], body: bytes) -> Needs:
+    # Only bodies that mention "image" are walked, so plain text requests pay one bytes search.
+    vision = b"image" in body and _has_image_part(payload.get("messages") or payload.get("input"))
+    return Needs(kind, vision, bool(payload.get("tools")), len(body) // 4)
+
+
+def conversation_key(model: str, payload: dict[str, Any]) -> str | None:
+    """A conversation is known by its opening messages: later turns repeat them, so they hash alike and
+    return to the node that already holds the conversation's prompt cache."""
+    messages = payload.get("messages")
+    if not isinstance(messages, list) or not messages:
+        return None
+    opening = json.dumps(messages[:2], sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.blake2b(f"{model}\n{opening}".encode(), digest_size=12).hexdigest()
+
+
+RESPONSE_ID_RE = re.compile(rb'"id"\s*:\s*"(resp_[^"]+)"')
+
+
+def _has_image_part(value: Any, depth: int = 0) -> bool:
+    if depth > 6:
+        return False
+    if isinstance(value, dict):
+        return value.get("type") in IMAGE_PART_TYPES or any(_has_image_part(v, depth + 1) for v in value.values())
+    if isinstance(value, list):
+        return any(_has_image_part(v, depth + 1) for v in value)
+    return False
+
+
+def misfit(model: ModelInfo, needs: Needs) -> str | None:
+    """Why this model cannot serve the request, or None when it can."""
+    if needs.kind == "embedding" and model.type != "embedding":
+        return "not an embedding model"
+    if needs.kind in ("chat", "completion") and model.type == "embedding":
+        return "an embedding model cannot generate text"
+    if needs.vision and model.type != "vlm" and "vision" not in model.capabilities:
+        return "no vision: the request has image parts"
+    if needs.tools and model.capabilities_known and "tools" not in model.capabilities:
+        return "not trained for tool use"
+    if model.loaded and model.context_length and needs.prompt_tokens > model.context_length:
+        return f"loaded context {model.context_length} is shorter than the prompt (~{needs.prompt_tokens} tokens)"
+    return None
+
+
+class Circuit:
+    """Per-node breaker: opens after repeated real failures, lets one trial through after a cool-down,
+    closes on success. Capacity answers (429/503) never count: a busy node is not a broken one."""
+
+    THRESHOLD = 3
+    MAX_COOLDOWN_S = 30.0
+
+    def __init__(self) -> None:
+        self.state = "closed"  # closed | open | half_open
+        self.failures = 0
+        self.trips = 0
+        self.open_until = 0.0
+        self.trial = False
+
+    def allows(self, now: float) -> bool:
+        if self.state == "open" and now >= self.open_until:
+            self.state, self.trial = "half_open", False
+        return self.state == "closed" or (self.state == "half_open" and not self.trial)
+
+    def begin(self) -> None:
+        if self.state == "half_open":
+            self.trial = True
+
+    def success(self) -> None:
+        self.state, self.failures, self.trips, self.trial = "closed", 0, 0, False
+
+    def failure(self, now: float) -> None:
+        self.failures += 1
+        if self.state == "half_open" or self.failures >= self.THRESHOLD:
+            self.trips += 1
+            self.state, self.trial = "open", False
+            self.open_until = now + min(self.MAX_COOLDOWN_S, 2.0 ** (self.trips - 1))
+
+    def abandon(self) -> None:
+        """A trial that ended without a verdict (client left) must not wedge the breaker half-open."""
+        self.trial = False
+
+
 @dataclass
 class Target:
     node: Node
@@ -887,92 +1009,316 @@ class Target:
     def upstream_model(self) -> str:
         return self.model.id
 
+    @property
+    def capacity(self) -> int:
+        return max(1, self.model.slots * self.node.tier // 100)
+
+    @property
+    def busy(self) -> int:
+        return self.node.busy.get(self.model.id, 0)
+
+
+@dataclass
+class Route:
+    """A named virtual model: ordered targets, a strategy, and a fallback model when none is available."""
+
+    id: str
+    model: str
+    targets: list[dict[str, str]]
+    strategy: str = "auto"
+    fallback: str | None = None
+
+    @classmethod
+    def from_json(cls, body: dict[str, Any]) -> Route:
+        route_id = body.get("id") or body.get("model")
+        if not isinstance(route_id, str) or not route_id or "@" in route_id:
+            raise HTTPError(400, "A route needs an `id` (without `@`).", "invalid_request", param="id")
+        targets = body.get("targets")
+        if not isinstance(targets, list) or not targets or not all(isinstance(t, dict) and t.get("model") for t in targets):
+            raise HTTPError(400, "`targets` is a non-empty list of {model, node?}.", "invalid_request", param="targets")
+        strategy = body.get("strategy") or "auto"
+        if strategy not in STRATEGIES:
+            raise HTTPError(400, f"`strategy` must be one of {', '.join(STRATEGIES)}.", "invalid_request", param="strategy")
+        fallback = body.get("fallback")
+        return cls(
+            id=route_id, model=str(body.get("model") or route_id),
+            targets=[{"model": str(t["model"]), **({"node": str(t["node"])} if t.get("node") else {})} for t in targets],
+            strategy=strategy, fallback=str(fallback) if fallback else None,
+        )
+
+    def public(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class Plan:
+    targets: list[Target]
+    strategy: str
+    route: str | None = None
+
+
+class BoundedMap:
+    """A small LRU map (sessions, response ids -> node) that forgets the oldest entries first."""
+
+    def __init__(self, limit: int = 10_000) -> None:
+        self.limit = limit
+        self.data: dict[str, str] = {}
+
+    def get(self, key: str | None) -> str | None:
+        return None if key is None else self.data.get(key)
+
+    def put(self, key: str, value: str) -> None:
+        self.data.pop(key, None)
+        self.data[key] = value
+        if len(self.data) > self.limit:
+            self.data.pop(next(iter(self.data)))
+
 
 class Router:
     """Resolves a requested model to an ordered list of candidate (node, model) targets."""
 
-    def __init__(self, registry: Registry) -> None:
+    MAX_FALLBACK_DEPTH = 4
+
+    def __init__(self, registry: Registry, store: Store) -> None:
         self.registry = registry
+        self.store = store
+        self.routes: dict[str, Route] = {r["id"]: Route(**r) for r in store.routes()}
+        self.sessions = BoundedMap()
+        self.responses = BoundedMap()
+        self._affinity: dict[str, str] = {}
+        self._turn: dict[str, int] = {}
         self._index: dict[str, list[Target]] = {}
         self._keys: dict[str, list[Target]] = {}
         self._built = -1
 
+    # -- the index of routable (node, model) pairs, rebuilt only when the registry changed ------------
+
     def index(self) -> dict[str, list[Target]]:
         if self._built != self.registry.version:
-            self._rebuild()
+            index: dict[str, list[Target]] = {}
+            keys: dict[str, list[Target]] = {}
+            for node in self.registry.nodes.values():
+                if node.routable:
+                    for model in node.models:
+                        index.setdefault(model.id, []).append(Target(node, model))
+                        keys.setdefault(model.key, []).append(Target(node, model))
+            self._index, self._keys, self._built = index, keys, self.registry.version
         return self._index
-
-    def _rebuild(self) -> None:
-        index: dict[str, list[Target]] = {}
-        keys: dict[str, list[Target]] = {}
-        for node in self.registry.nodes.values():
-            if not node.routable:
-                continue
-            for model in node.models:
-                index.setdefault(model.id, []).append(Target(node, model))
-                keys.setdefault(model.key, []).append(Target(node, model))
-        self._index, self._keys, self._built = index, keys, self.registry.version
 
     def model_ids(self) -> list[str]:
         return sorted(self.index())
 
-    def resolve(self, requested: str, kind: str) -> list[Target]:
-        """Candidates for `requested`, best first; raises HTTPError 404 when nobody offers it."""
+    # -- routes -----------------------------------------------------------------------------------------
+
+    def save_route(self, route: Route) -> None:
+        self.routes[route.id] = route
+        self.store.save_route(route.public())
+
+    def delete_route(self, route_id: str) -> bool:
+        self.store.delete_route(route_id)
+        return self.routes.pop(route_id, None) is not None
+
+    def route_for(self, requested: str) -> Route | None:
+        return self.routes.get(requested) or next((r for r in self.routes.values() if r.model == requested), None)
+
+    # -- planning ---------------------------------------------------------------------------------------
+
+    def plan(self, requested: str, needs: Needs, strategy: str | None = None, session: str | None = None,
+             previous_response: str | None = None, depth: int = 0) -> Plan:
+        route = self.route_for(requested)
+        strategy = strategy or (route.strategy if route else "auto")
+        if route is None:
+            targets = self.order(self._fit(requested, self.lookup(requested), needs), strategy, requested)
+        else:
+            targets = self._route_targets(route, needs, strategy)
+            if not targets and route.fallback and depth < self.MAX_FALLBACK_DEPTH:
+                return self.plan(route.fallback, needs, strategy, session, previous_response, depth + 1)
+            if not targets:
+                raise unavailable(f"No target of route `{route.id}` is available right now.")
+        now = time.monotonic()
+        allowed = [t for t in targets if t.node.circuit.allows(now)]
+        if not allowed:
+            raise unavailable(f"Every node serving `{requested}` is failing; retrying shortly.", "circuit_open")
+        sticky = self.responses.get(previous_response) or (
+            self.sessions.get(session) if strategy in ("auto", "model_affinity") else None
+        )
+        if sticky:
+            allowed.sort(key=lambda t: t.node.id != sticky)
+        return Plan(allowed, strategy, route.id if route else None)
+
+    def _route_targets(self, route: Route, needs: Needs, strategy: str) -> list[Target]:
+        targets: list[Target] = []
+        for spec in route.targets:
+            ref = f"{spec['model']}@{spec['node']}" if spec.get("node") else spec["model"]
+            try:
+                found = self.lookup(ref)
+            except HTTPError:
+                continue  # a target that is gone or down just doesn't contribute
+            fit = [t for t in found if misfit(t.model, needs) is None]
+            targets += [t for t in self.order(fit, strategy, spec["model"]) if t not in targets]
+        return targets
+
+    def lookup(self, requested: str) -> list[Target]:
+        """Every routable target offering `requested` (exact id, pin, then key); 404 when nobody does."""
         index = self.index()
         if requested == AUTO_MODEL:
             targets = [t for ts in index.values() for t in ts if t.model.type != "embedding" and t.model.loaded]
-        else:
-            targets = index.get(requested) or self._pinned(requested) or self._keys.get(model_key(requested), [])
+            if not targets:
+                raise unavailable("No chat model is loaded on any available node.")
+            return targets
+        targets = index.get(requested) or self._pinned(requested) or self._keys.get(model_key(requested), [])
         if not targets:
-            self._raise_unknown(requested)
-        fit = [t for t in targets if _fits(t.model, kind)]
-        if not fit:
-            raise HTTPError(
-                400, f"The model `{requested}` cannot serve {kind} requests.", "unsupported_capability", param="model"
-            )
-        return sorted(fit, key=_score)
+            self.raise_unknown(requested)
+        return targets
 
     def _pinned(self, requested: str) -> list[Target]:
         model, sep, node_ref = requested.rpartition("@")
-        if not sep:
-            return []
-        node = self.registry.find(node_ref)
+        node = self.registry.find(node_ref) if sep else None
         if node is None:
             return []
         if not node.routable:
-            raise HTTPError(503, f"Node `{node_ref}` is {node.state}.", "node_unavailable", headers={"Retry-After": "5"})
+            raise unavailable(f"Node `{node_ref}` is {node.state if node.trusted else 'not trusted'}.", "node_unavailable")
         exact = [Target(node, m) for m in node.models if m.id == model]
         return exact or [Target(node, m) for m in node.models if m.key == model_key(model)]
 
-    def _raise_unknown(self, requested: str) -> None:
+    def raise_unknown(self, requested: str) -> None:
         known = self.model_ids()
         if not known:
-            raise HTTPError(503, "No node is available right now.", "no_node_available", headers={"Retry-After": "5"})
-        listed = ", ".join([AUTO_MODEL, *known])
+            raise unavailable("No node is available right now.")
+        listed = ", ".join([AUTO_MODEL, *sorted(self.routes), *known])
         raise HTTPError(
             404, f"The model `{requested}` does not exist. Available models: {listed}.", "model_not_found", param="model"
         )
 
-    def any_node(self) -> list[Target]:
+    def _fit(self, requested: str, targets: list[Target], needs: Needs) -> list[Target]:
+        fit = [t for t in targets if misfit(t.model, needs) is None]
+        if not fit:
+            reason = misfit(targets[0].model, needs)
+            raise HTTPError(400, f"The model `{requested}` cannot serve this request: {reason}.",
+                            "unsupported_capability", param="model")
+        return fit
+
+    def order(self, targets: list[Target], strategy: str, model: str) -> list[Target]:
+        if strategy == "round_robin":
+            ring = sorted(targets, key=lambda t: t.node.id)
+            turn = self._turn[model] = self._turn.get(model, -1) + 1
+            return ring[turn % len(ring):] + ring[:turn % len(ring)] if ring else ring
+        if strategy == "least_busy":
+            return sorted(targets, key=lambda t: (t.busy / t.capacity, not t.model.loaded, t.node.latency_ms or 0.0))
+        if strategy == "least_latency":
+            return sorted(targets, key=lambda t: (t.node.latency_ms or 0.0, not t.model.loaded))
+        if strategy == "model_affinity":
+            last = self._affinity.get(model)
+            return sorted(targets, key=lambda t: (not t.model.loaded, t.node.id != last, *score(t)[1:]))
+        if strategy == "trusted_only":
+            targets = [t for t in targets if t.node.source in OWNER_SOURCES]
+        return sorted(targets, key=score)
+
+    def remember(self, model: str | None, node: Node, session: str | None) -> None:
+        if model:
+            self._affinity[model] = node.id
+        if session:
+            self.sessions.put(session, node.id)
+
+    # -- explanation (the same rules, with every rejection spelled out) ---------------------------------
+
+    def explain(self, requested: str, needs: Needs, strategy: str | None = None) -> dict[str, Any]:
+        rejected: list[dict[str, Any]] = []
+        wanted = model_key(requested.rpartition("@")[0] or requested)
+        for node in self.registry.nodes.values():
+            reason = self._node_rejection(node)
+            if reason:
+                rejected.append({"node": node.id, "reason": reason})
+                continue
+            offered = [m for m in node.models if m.key == wanted]
+            if not offered and requested != AUTO_MODEL and self.route_for(requested) is None:
+                rejected.append({"node": node.id, "reason": f"does not offer `{requested}`"})
+            rejected += [{"node": node.id, "model": m.id, "reason": why} for m in offered if (why := misfit(m, needs))]
+        try:
+            plan = self.plan(requested, needs, strategy)
+            candidates, error = plan.targets, None
+            strategy = plan.strategy
+        except HTTPError as exc:
+            candidates, error = [], {"status": exc.status, "code": exc.code, "message": exc.message}
+        return {
+            "model": requested, "strategy": strategy or "auto", "error": error,
+            "candidates": [
+                {"node": t.node.id, "model": t.model.id, "loaded": t.model.loaded, "busy": t.busy,
+                 "capacity": t.capacity, "latency_ms": t.node.latency_ms, "score": list(score(t)),
+                 "circuit": t.node.circuit.state}
+                for t in candidates
+            ],
+            "rejected": rejected,
+        }
+
+    @staticmethod
+    def _node_rejection(node: Node) -> str | None:
+        if not node.trusted:
+            return "not trusted (discovery is not permission: `vampire nodes trust` it)"
+        if node.state != "online":
+            return f"node is {node.state}"
+        if node.circuit.state == "open":
+            return "circuit open after repeated failures"
+        return None
+
+    def any_node(self) -> Plan:
         """For `/v1/*` calls that name no model: the best trusted online node, whatever it holds."""
         nodes = sorted((n for n in self.registry.nodes.values() if n.routable), key=lambda n: (n.in_flight, n.latency_ms or 0))
         if not nodes:
-            raise HTTPError(503, "No node is available right now.", "no_node_available", headers={"Retry-After": "5"})
-        return [Target(n, n.models[0] if n.models else ModelInfo(id="")) for n in nodes]
+            raise unavailable("No node is available right now.")
+        return Plan([Target(n, n.models[0] if n.models else ModelInfo(id="")) for n in nodes], "auto")
 
 
-def _fits(model: ModelInfo, kind: str) -> bool:
-    if kind == "embedding":
-        return model.type == "embedding"
-    if kind in ("chat", "completion"):
-        return model.type != "embedding"
-    return True
-
-
-def _score(target: Target) -> tuple[int, float, float]:
+def score(target: Target) -> tuple[int, int, float, float]:
+    """`auto`: loaded first (a JIT load costs seconds to a minute); for a cold load, a node where it would
+    evict nothing (LM Studio's auto-evict unloads the previous JIT model); then free slots; then latency."""
     node, model = target.node, target.model
-    capacity = max(1, model.slots * node.tier // 100)
-    return (0 if model.loaded else 1, node.in_flight / capacity, node.latency_ms or 0.0)
+    evictions = 0 if model.loaded else sum(1 for m in node.models if m.loaded and m.type != "embedding")
+    return (0 if model.loaded else 1, evictions, target.busy / target.capacity, node.latency_ms or 0.0)
+
+
+class Admission:
+    """Per-(node, model) in-flight limits (slots x tier) and one bounded FIFO queue for requests that
+    find every candidate full; a stream holds its slot until it ends."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.waiters: deque[asyncio.Future[None]] = deque()
+
+    @staticmethod
+    def has_room(target: Target) -> bool:
+        return target.busy < target.capacity
+
+    @staticmethod
+    def acquire(target: Target) -> None:
+        node = target.node
+        node.in_flight += 1
+        node.busy[target.model.id] = node.busy.get(target.model.id, 0) + 1
+
+    def release(self, target: Target) -> None:
+        node = target.node
+        node.in_flight -= 1
+        node.busy[target.model.id] -= 1
+        while self.waiters:
+            waiter = self.waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                break
+
+    async def wait(self, deadline: float) -> None:
+        if len(self.waiters) >= self.settings.queue_max:
+            raise unavailable("The request queue is full.", "queue_full", retry_after=2)
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.waiters.append(waiter)
+        try:
+            await asyncio.wait_for(waiter, max(0.0, deadline - time.monotonic()))
+        except TimeoutError:
+            raise unavailable("Every node holding this model stayed busy; try again.", "queue_timeout") from None
+        finally:
+            if not waiter.done():
+                waiter.cancel()
+            with contextlib.suppress(ValueError):
+                self.waiters.remove(waiter)
 
 
 # ── gateway: the data plane; a lean ASGI path from client to node and back, streams relayed as they come ─
@@ -1040,6 +1386,7 @@ class Call:
     __slots__ = (
         "body",
         "error",
+        "failovers",
         "finished",
         "first_byte_s",
         "gone",
@@ -1051,8 +1398,10 @@ class Call:
         "payload",
         "query",
         "request_id",
+        "session",
         "started",
         "status",
+        "strategy",
         "surface",
         "upstream_model",
     )
@@ -1075,6 +1424,15 @@ class Call:
         self.finished = False
         self.first_byte_s: float | None = None
         self.error: str | None = None
+        self.strategy: str | None = None
+        self.session: str | None = None
+        self.failovers = 0
+
+    def header(self, name: bytes) -> str | None:
+        for key, value in self.headers:
+            if key == name:
+                return value.decode("latin-1")
+        return None
 
     def upstream_url(self, node: Node) -> str:
         if self.query:
@@ -1087,7 +1445,7 @@ class Call:
             "node": self.node.id if self.node else None, "status": self.status,
             "latency_ms": round((time.perf_counter() - self.started) * 1000, 2),
             "ttfb_ms": None if self.first_byte_s is None else round(self.first_byte_s * 1000, 2),
-            "error": self.error,
+            "error": self.error, "strategy": self.strategy, "failovers": self.failovers,
         }
 
 
@@ -1115,8 +1473,8 @@ class Gateway:
                 await self.list_models(call, send)
                 return
             call.body = await self.read_body(call, receive)
-            targets = self.plan(call)
-            await self.relay_with_watch(call, targets, receive, send)
+            plan = self.plan(call)
+            await self.relay_with_watch(call, plan, receive, send)
         except HTTPError as exc:
             call.status, call.error = exc.status, exc.code
             await self.send_error(call, send, exc)
@@ -1135,13 +1493,8 @@ class Gateway:
         for name, value in call.headers:
             if name == b"content-length" and value.isdigit() and int(value) > limit:
                 raise HTTPError(413, f"Request body is larger than {limit} bytes.", "request_too_large")
-        message = await receive()
-        body, more = message.get("body", b""), message.get("more_body", False)
-        if not more:
-            if message["type"] == "http.disconnect":
-                raise ClientGone
-            return body
-        parts, size = [body], len(body)
+        parts: list[bytes] = []
+        size, more = 0, True
         while more:
             message = await receive()
             if message["type"] == "http.disconnect":
@@ -1152,9 +1505,9 @@ class Gateway:
                 raise HTTPError(413, f"Request body is larger than {limit} bytes.", "request_too_large")
             parts.append(chunk)
             more = message.get("more_body", False)
-        return b"".join(parts)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
 
-    def plan(self, call: Call) -> list[Target]:
+    def plan(self, call: Call) -> Plan:
         kind = _KIND_BY_PATH.get(call.path)
         if call.method != "POST" or not call.body:
             if kind:
@@ -1173,7 +1526,17 @@ class Gateway:
                 raise HTTPError(400, "The request needs a `model`.", "missing_model", param="model")
             return self.router.any_node()
         call.model = model
-        return self.router.resolve(model, kind or "other")
+        options = payload.get("vampire") if isinstance(payload.get("vampire"), dict) else {}
+        strategy = call.header(b"x-vampire-strategy") or options.get("strategy")
+        if strategy is not None and strategy not in STRATEGIES:
+            raise HTTPError(400, f"Unknown strategy `{strategy}`; use one of {', '.join(STRATEGIES)}.",
+                            "invalid_strategy", param="vampire.strategy")
+        call.session = call.header(b"x-vampire-session") or conversation_key(model, payload)
+        previous = payload.get("previous_response_id")
+        plan = self.router.plan(model, needs_of(kind or "other", payload, call.body), strategy, call.session,
+                                previous if isinstance(previous, str) else None)
+        call.strategy = plan.strategy
+        return plan
 
     def upstream_body(self, call: Call, target: Target) -> bytes:
         """The client's bytes, untouched, unless the model name or the `vampire` field must change."""
@@ -1198,7 +1561,7 @@ class Gateway:
             headers["Authorization"] = f"Bearer {node.token}"
         return headers
 
-    async def relay_with_watch(self, call: Call, targets: list[Target], receive: Receive, send: Send) -> None:
+    async def relay_with_watch(self, call: Call, plan: Plan, receive: Receive, send: Send) -> None:
         """Relay, cancelling the upstream request at once if the client goes away meanwhile."""
         task = asyncio.current_task()
         watcher = asyncio.ensure_future(receive())
@@ -1210,7 +1573,7 @@ class Gateway:
 
         watcher.add_done_callback(on_disconnect)
         try:
-            await self.relay(call, targets, send)
+            await self.relay(call, plan, send)
         except asyncio.CancelledError:
             if not call.gone or task is None:
                 raise
@@ -1220,25 +1583,62 @@ class Gateway:
             watcher.remove_done_callback(on_disconnect)
             watcher.cancel()
 
-    async def relay(self, call: Call, targets: list[Target], send: Send) -> None:
-        last_failure: UpstreamFailed | None = None
-        for position, target in enumerate(targets):
-            node = target.node
-            call.node, call.upstream_model = node, target.upstream_model
-            node.in_flight += 1
+    async def relay(self, call: Call, plan: Plan, send: Send) -> None:
+        """Try candidates in order until one answers. Full candidates are skipped; when every remaining
+        candidate is full the request waits in the bounded queue for a slot."""
+        remaining = list(plan.targets)
+        deadline: float | None = None
+        failure: UpstreamFailed | None = None
+        admission = self.app.admission
+        while remaining:
+            target = next((t for t in remaining if admission.has_room(t)), None)
+            if target is None:
+                deadline = deadline or time.monotonic() + self.settings.queue_timeout_s
+                await admission.wait(deadline)
+                continue
+            remaining.remove(target)
+            if not target.node.circuit.allows(time.monotonic()):
+                continue
             try:
-                last = position == len(targets) - 1
-                await self.forward(call, target, send, last)
+                await self.attempt(call, target, send, last=not remaining)
+                self.router.remember(call.model, target.node, call.session)
                 return
             except UpstreamFailed as exc:
-                last_failure = exc
-                log.info("request %s: node %s failed before the first byte (%s)", call.request_id, node.id, exc)
-                if not exc.capacity:
-                    self.registry.report_failure(node, str(exc), auth=exc.auth)
-            finally:
-                node.in_flight -= 1
-        reason = f" Last error: {last_failure}." if last_failure else ""
-        raise HTTPError(503, f"No node could answer the request.{reason}", "no_node_available", headers={"Retry-After": "5"})
+                failure = exc
+                call.failovers += 1
+                log.info("request %s: node %s failed before the first byte (%s)", call.request_id, target.node.id, exc)
+        reason = f" Last error: {failure}." if failure else ""
+        raise unavailable(f"No node could answer the request.{reason}")
+
+    async def attempt(self, call: Call, target: Target, send: Send, last: bool) -> None:
+        """One try on one node: hold its slot, keep its breaker and inventory honest."""
+        node, admission = target.node, self.app.admission
+        call.node, call.upstream_model = node, target.upstream_model
+        cold = not target.model.loaded
+        if cold:
+            target.model.loaded = True  # loading now: later requests for it queue here rather than load it elsewhere
+        admission.acquire(target)
+        node.circuit.begin()
+        verdict = False
+        try:
+            status = await self.forward(call, target, send, last)
+            verdict = True
+            if status >= 500 and status != 503:
+                node.circuit.failure(time.monotonic())
+            else:
+                node.circuit.success()
+        except UpstreamFailed as exc:
+            verdict = True
+            if not exc.capacity:
+                node.circuit.failure(time.monotonic())
+                self.registry.report_failure(node, str(exc), auth=exc.auth)
+            raise
+        finally:
+            if not verdict:
+                node.circuit.abandon()
+            admission.release(target)
+            if cold:
+                self.registry.report_change(node)
 
     async def open_upstream(self, call: Call, target: Target) -> aiohttp.ClientResponse:
         """Send the request; a pooled connection the node already closed is retried once on a fresh one."""
@@ -1255,7 +1655,7 @@ class Gateway:
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             raise UpstreamFailed(_describe_error(exc)) from None
 
-    async def forward(self, call: Call, target: Target, send: Send, last: bool) -> None:
+    async def forward(self, call: Call, target: Target, send: Send, last: bool) -> int:
         try:
             resp = await self.open_upstream(call, target)
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
@@ -1268,6 +1668,7 @@ class Gateway:
             if resp.status in (401, 403):
                 self.registry.report_failure(target.node, f"HTTP {resp.status}", auth=True)
             await self.respond(call, target, resp, send)
+            return resp.status
         finally:
             resp.release()
 
@@ -1277,6 +1678,7 @@ class Gateway:
             (b"x-vampire-node", target.node.id.encode()),
             (b"x-vampire-model", target.upstream_model.encode()),
             (b"x-vampire-request-id", call.request_id.encode()),
+            (b"x-vampire-strategy", (call.strategy or "auto").encode()),
         ]
         return headers
 
@@ -1288,12 +1690,18 @@ class Gateway:
             except (TimeoutError, aiohttp.ClientError, OSError) as exc:
                 raise UpstreamFailed(_describe_error(exc)) from None
             self.observe_first_byte(call, target)
+            self.note_response_id(call, target, data)
             headers.append((b"content-length", str(len(data)).encode()))
             call.status, call.finished = resp.status, True
             await send({"type": "http.response.start", "status": resp.status, "headers": headers})
             await send({"type": "http.response.body", "body": data})
             return
         await self.relay_stream(call, target, resp, headers, send)
+
+    def note_response_id(self, call: Call, target: Target, data: bytes) -> None:
+        """`previous_response_id` must reach the node that holds that response's state."""
+        if call.path == "/v1/responses" and (match := RESPONSE_ID_RE.search(data)):
+            self.router.responses.put(match.group(1).decode(), target.node.id)
 
     def observe_first_byte(self, call: Call, target: Target) -> None:
         call.first_byte_s = time.perf_counter() - call.started
@@ -1310,6 +1718,7 @@ class Gateway:
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             raise UpstreamFailed(_describe_error(exc)) from None
         self.observe_first_byte(call, target)
+        self.note_response_id(call, target, first)
         call.status = resp.status
         await send({"type": "http.response.start", "status": resp.status, "headers": headers})
         await send({"type": "http.response.body", "body": first, "more_body": True})
@@ -1371,8 +1780,10 @@ async def send_json(send: Send, status: int, body: Any, extra: Sequence[tuple[by
 # ── control plane: /vampire/v1/* for people and tools; Starlette, since none of it is a hot path ──────
 
 
-def api_error(status: int, message: str, code: str | None = None, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse(json.loads(error_body("openai", status, message, code)), status_code=status, headers=headers)
+def api_error(
+    status: int, message: str, code: str | None = None, headers: dict[str, str] | None = None, param: str | None = None
+) -> JSONResponse:
+    return JSONResponse(json.loads(error_body("openai", status, message, code, param)), status_code=status, headers=headers)
 
 
 def is_loopback(host: str | None) -> bool:
@@ -1389,20 +1800,25 @@ class ControlPlane:
         self.app = app
         self.registry = app.registry
 
-    def routes(self) -> list[Route]:
+    def routes(self) -> list[routing.Route]:
         p = "/vampire/v1"
         return [
-            Route(f"{p}/status", self.status),
-            Route(f"{p}/nodes", self.list_nodes, methods=["GET"]),
-            Route(f"{p}/nodes", self.add_node, methods=["POST"]),
-            Route(f"{p}/nodes/{{node_id:str}}", self.get_node, methods=["GET"]),
-            Route(f"{p}/nodes/{{node_id:str}}", self.patch_node, methods=["PATCH"]),
-            Route(f"{p}/nodes/{{node_id:str}}", self.delete_node, methods=["DELETE"]),
-            Route(f"{p}/nodes/{{node_id:str}}/probe", self.probe_node, methods=["POST"]),
-            Route(f"{p}/models", self.models),
-            Route(f"{p}/discover", self.discover, methods=["POST"]),
-            Route(f"{p}/events", self.events),
-            Route("/", self.dashboard),
+            routing.Route(f"{p}/status", self.status),
+            routing.Route(f"{p}/nodes", self.list_nodes, methods=["GET"]),
+            routing.Route(f"{p}/nodes", self.add_node, methods=["POST"]),
+            routing.Route(f"{p}/nodes/{{node_id:str}}", self.get_node, methods=["GET"]),
+            routing.Route(f"{p}/nodes/{{node_id:str}}", self.patch_node, methods=["PATCH"]),
+            routing.Route(f"{p}/nodes/{{node_id:str}}", self.delete_node, methods=["DELETE"]),
+            routing.Route(f"{p}/nodes/{{node_id:str}}/probe", self.probe_node, methods=["POST"]),
+            routing.Route(f"{p}/models", self.models),
+            routing.Route(f"{p}/discover", self.discover, methods=["POST"]),
+            routing.Route(f"{p}/routes", self.list_routes, methods=["GET"]),
+            routing.Route(f"{p}/routes", self.save_route, methods=["POST"]),
+            routing.Route(f"{p}/routes/{{route_id:str}}", self.get_route, methods=["GET"]),
+            routing.Route(f"{p}/routes/{{route_id:str}}", self.delete_route, methods=["DELETE"]),
+            routing.Route(f"{p}/routing/explain", self.explain),
+            routing.Route(f"{p}/events", self.events),
+            routing.Route("/", self.dashboard),
         ]
 
     def denied(self, request: Request) -> Response | None:
@@ -1536,6 +1952,52 @@ class ControlPlane:
         self.app.audit("discover", request, subnets=subnets, found=len(found))
         return JSONResponse({"object": "list", "data": [f.public() for f in found]})
 
+    async def list_routes(self, request: Request) -> Response:
+        if denied := self.denied(request):
+            return denied
+        return JSONResponse({"object": "list", "data": [r.public() for r in self.app.router.routes.values()]})
+
+    async def save_route(self, request: Request) -> Response:
+        if denied := self.denied(request):
+            return denied
+        route = Route.from_json(await self._json_object(request))
+        self.app.router.save_route(route)
+        self.app.audit("route.save", request, route=route.id)
+        return JSONResponse(route.public(), status_code=201)
+
+    def _route(self, request: Request) -> Route:
+        route = self.app.router.routes.get(request.path_params["route_id"])
+        if route is None:
+            raise HTTPError(404, f"No route `{request.path_params['route_id']}`.", "route_not_found")
+        return route
+
+    async def get_route(self, request: Request) -> Response:
+        if denied := self.denied(request):
+            return denied
+        return JSONResponse(self._route(request).public())
+
+    async def delete_route(self, request: Request) -> Response:
+        if denied := self.denied(request):
+            return denied
+        route = self._route(request)
+        self.app.router.delete_route(route.id)
+        self.app.audit("route.delete", request, route=route.id)
+        return JSONResponse({"id": route.id, "deleted": True})
+
+    async def explain(self, request: Request) -> Response:
+        if denied := self.denied(request):
+            return denied
+        model = request.query_params.get("model")
+        if not model:
+            raise HTTPError(400, "`model` is required.", "invalid_request", param="model")
+        kind = request.query_params.get("kind", "chat")
+        needs = Needs(kind, vision=request.query_params.get("vision") == "true",
+                      tools=request.query_params.get("tools") == "true")
+        strategy = request.query_params.get("strategy")
+        if strategy is not None and strategy not in STRATEGIES:
+            raise HTTPError(400, f"`strategy` must be one of {', '.join(STRATEGIES)}.", "invalid_strategy")
+        return JSONResponse(self.app.router.explain(model, needs, strategy))
+
     async def events(self, request: Request) -> Response:
         if denied := self.denied(request):
             return denied
@@ -1569,7 +2031,7 @@ def _opt_str(body: dict[str, Any], key: str) -> str | None:
 
 async def _http_error_handler(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPError)
-    return api_error(exc.status, exc.message, exc.code, exc.headers)
+    return api_error(exc.status, exc.message, exc.code, exc.headers, exc.param)
 
 
 async def _not_found(request: Request, exc: Exception) -> Response:
@@ -1597,7 +2059,8 @@ class App:
         self.events = EventBus()
         self.store = Store(settings.db_path)
         self.registry = Registry(settings, self.store, self.events)
-        self.router = Router(self.registry)
+        self.router = Router(self.registry, self.store)
+        self.admission = Admission(settings)
         self.gateway = Gateway(self)
         self.control = ControlPlane(self)
         self.demo_nodes: list[Any] = []
@@ -1738,7 +2201,7 @@ load(); setInterval(load, 5000);
 
 # ── emulator: a deterministic LM Studio (and Ollama, generic OpenAI) node for demos, CI jobs and tests ─
 
-EMULATOR_PLACEHOLDER = True
+from _emulator import MockModel, MockNode, NodeStats, Received, parse_model_specs  # noqa: E402,F401
 
 
 # ── CLI: `vampire <command>`; exit 0 ok, 1 failure, 2 bad usage ───────────────────────────────────────

@@ -22,10 +22,7 @@ MODEL_ID = "bench-model"
 def _json_response(status: str, payload: object) -> bytes:
     body = json.dumps(payload, separators=(",", ":")).encode()
     head = (
-        f"HTTP/1.1 {status}\r\n"
-        "Content-Type: application/json\r\n"
-        f"Content-Length: {len(body)}\r\n"
-        "\r\n"
+        f"HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
     ).encode()
     return head + body
 

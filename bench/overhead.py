@@ -215,6 +215,8 @@ class Proc:
     name: str
     popen: subprocess.Popen[bytes]
     log_path: Path
+    spawned: float = field(default_factory=time.monotonic)
+    ready_after: float = math.nan
 
     @property
     def pid(self) -> int:
@@ -248,7 +250,9 @@ class Proc:
             self.popen.stdout.close()
 
 
-def spawn(name: str, argv: list[str], logdir: Path, env: dict[str, str] | None = None, pipe_stdout: bool = False) -> Proc:
+def spawn(
+    name: str, argv: list[str], logdir: Path, env: dict[str, str] | None = None, pipe_stdout: bool = False
+) -> Proc:
     log_path = logdir / f"{name}.log"
     with open(log_path, "wb") as log_file:
         popen = subprocess.Popen(
@@ -336,6 +340,8 @@ def wait_ready(
             else:
                 status, body = http_get(port, prefix + "/v1/models", headers, host)
                 if status == 200 and model_listed(body, model):
+                    if proc is not None:
+                        proc.ready_after = time.monotonic() - proc.spawned
                     return time.monotonic() - start
                 last = f"/v1/models answered {status}: {body[:200]!r}"
         except (OSError, http.client.HTTPException) as exc:
@@ -450,34 +456,45 @@ def gc_paused() -> Iterator[None]:
         gc.enable()
 
 
-async def warmup(endpoints: list[Endpoint], plain_n: int, stream_n: int, model: str) -> dict[str, list[str]]:
+async def checked_request(
+    ep: Endpoint, payload: bytes, keep_body: bool = False
+) -> tuple[int, float, float, bytes]:
+    """A c=1 request whose transport failure ends the run with the path's name instead of a traceback."""
+    try:
+        return await ep.conn.request(payload, keep_body)
+    except (OSError, ValueError, IndexError) as exc:
+        ep.conn.close()
+        raise BenchError(f"{ep.name}: request failed: {exc!r}") from exc
+
+
+async def warmup(endpoints: list[Endpoint], plain_n: int, stream_n: int) -> dict[str, list[str]]:
     """Warm every path, and check once per path that answers look like chat completions."""
     problems: dict[str, list[str]] = {}
     for ep in endpoints:
         issues: list[str] = []
         async with asyncio.timeout(30):
-            status, _, _, body = await ep.conn.request(ep.plain, keep_body=True)
+            status, _, _, body = await checked_request(ep, ep.plain, keep_body=True)
             if status != 200:
                 issues.append(f"non-streaming status {status}: {body[:200]!r}")
             else:
                 try:
                     parsed = json.loads(body)
-                    if not parsed.get("choices"):
+                    if not isinstance(parsed, dict) or not parsed.get("choices"):
                         issues.append("non-streaming answer has no choices")
                 except ValueError:
                     issues.append(f"non-streaming answer is not JSON: {body[:200]!r}")
-            status, _, _, body = await ep.conn.request(ep.stream, keep_body=True)
+            status, _, _, body = await checked_request(ep, ep.stream, keep_body=True)
             events = body.count(b"data:")
             if status != 200:
                 issues.append(f"streaming status {status}: {body[:200]!r}")
             elif b"[DONE]" not in body:
                 issues.append(f"stream has {events} events and no [DONE]")
-            ep_events = events
             for _ in range(plain_n):
-                await ep.conn.request(ep.plain)
+                await checked_request(ep, ep.plain)
             for _ in range(stream_n):
-                await ep.conn.request(ep.stream)
-        log(f"warm {ep.name}: stream carried {ep_events} data events" + (f"; PROBLEMS: {issues}" if issues else ""))
+                await checked_request(ep, ep.stream)
+        note = f"; PROBLEMS: {issues}" if issues else ""
+        log(f"warm {ep.name}: stream carried {events} data events{note}")
         if issues:
             problems[ep.name] = issues
     return problems
@@ -497,12 +514,11 @@ async def latency_phase(
             count = min(block, n - len(total[ep.name]))
             payload = ep.stream if stream else ep.plain
             tot, fst = total[ep.name], first[ep.name]
-            conn = ep.conn
             async with asyncio.timeout(30):
                 with gc_paused():
                     for _ in range(count):
                         t0 = time.perf_counter()
-                        status, t_first, t_end, _ = await conn.request(payload)
+                        status, t_first, t_end, _ = await checked_request(ep, payload)
                         if status != 200:
                             errors[ep.name] += 1
                         tot.append(t_end - t0)
@@ -524,7 +540,9 @@ async def latency_phase(
     return out
 
 
-async def throughput_round(ep: Endpoint, payload: bytes, concurrency: int, duration: float) -> dict[str, float]:
+async def throughput_round(
+    ep: Endpoint, payload: bytes, concurrency: int, duration: float
+) -> dict[str, float]:
     conns = [HttpConn(ep.host, ep.port) for _ in range(concurrency)]
     ok = 0
     errors = 0
@@ -564,7 +582,12 @@ async def throughput_round(ep: Endpoint, payload: bytes, concurrency: int, durat
     finally:
         for c in conns:
             c.close()
-    return {"ok": ok, "errors": errors, "seconds": duration, "cpu_s": cpu1 - cpu0 if ep.server_pid else math.nan}
+    return {
+        "ok": ok,
+        "errors": errors,
+        "seconds": duration,
+        "cpu_s": cpu1 - cpu0 if ep.server_pid else math.nan,
+    }
 
 
 async def throughput_phase(
@@ -581,9 +604,12 @@ async def throughput_phase(
                 acc.setdefault(key, {}).setdefault(ep.name, []).append(res)
                 gc.collect()
             step += 1
-            log(f"throughput round {rnd + 1}/{rounds} {key}: " + ", ".join(
-                f"{name} {runs[-1]['ok'] / runs[-1]['seconds']:.0f}/s" for name, runs in acc[key].items()
-            ))
+            log(
+                f"throughput round {rnd + 1}/{rounds} {key}: "
+                + ", ".join(
+                    f"{name} {runs[-1]['ok'] / runs[-1]['seconds']:.0f}/s" for name, runs in acc[key].items()
+                )
+            )
     out: dict[str, dict[str, Any]] = {}
     for key, per_path in acc.items():
         out[key] = {}
@@ -618,73 +644,98 @@ def verdict(value: float | None, limit: float, higher_is_better: bool = False) -
 
 
 def build_report(fig: dict[str, Any]) -> tuple[list[list[str]], list[dict[str, Any]]]:
+    """Table rows (metric, one cell per path, gw/direct, gw/ref, target, result) and the target checks."""
     rows: list[list[str]] = []
     checks: list[dict[str, Any]] = []
 
-    def row(metric: str, vals: dict[str, float | None], digits: int = 3, ratios: bool = False,
-            target: str = "", result: str = "") -> None:
-        cells = [metric] + [fmt(vals.get(p), digits) for p in PATHS]
+    def row(
+        metric: str,
+        vals: dict[str, float | None],
+        digits: int = 3,
+        vs_direct: bool = False,
+        vs_ref: bool = False,
+        check: tuple[str, float | None, float, bool] | None = None,
+    ) -> None:
+        """`check` is (name, value, limit, higher_is_better) for rows that carry a target."""
         d, r, g = vals.get("direct"), vals.get("ref_proxy"), vals.get("gateway")
-        if ratios and d and g:
-            cells.append(fmt(g / d, 2))
+        cells = [metric, *(fmt(vals.get(p), digits) for p in PATHS)]
+        cells.append(fmt(g / d, 2) if vs_direct and d and g else "")
+        cells.append(fmt(g / r, 2) if vs_ref and r and g else "")
+        if check is None:
+            cells += ["", ""]
         else:
-            cells.append("")
-        cells.append(fmt(g / r, 2) if ratios and r and g else "")
-        rows.append([*cells, target, result])
-
-    def check(name: str, value: float | None, limit: float, text: str, higher: bool = False) -> str:
-        res = verdict(value, limit, higher)
-        checks.append({"check": name, "value": value, "target": text, "result": res})
-        return res
+            name, value, limit, higher = check
+            target = f"{'>=' if higher else '<='} {limit:g}"
+            res = verdict(value, limit, higher)
+            checks.append({"check": name, "value": value, "target": target, "result": res})
+            cells += [target, res]
+        rows.append(cells)
 
     lat = fig.get("latency_plain")
     if lat:
+        added = fig["added_plain"]
         row(f"c=1 plain latency p50 ms (n={lat['gateway']['n']})", {p: lat[p]["p50_ms"] for p in PATHS})
         row("c=1 plain latency p99 ms", {p: lat[p]["p99_ms"] for p in PATHS})
-        added = fig["added_plain"]
-        res = check("added latency p50", added["gateway"]["p50_ms"], TARGET_ADDED_P50_MS, f"<= {TARGET_ADDED_P50_MS} ms")
-        row("c=1 plain ADDED p50 ms", {p: added[p]["p50_ms"] for p in added}, target=f"<= {TARGET_ADDED_P50_MS}", result=res)
-        res = check("added latency p99", added["gateway"]["p99_ms"], TARGET_ADDED_P99_MS, f"<= {TARGET_ADDED_P99_MS} ms")
-        row("c=1 plain ADDED p99 ms", {p: added[p]["p99_ms"] for p in added}, target=f"<= {TARGET_ADDED_P99_MS}", result=res)
+        value = added["gateway"]["p50_ms"]
+        row(
+            "c=1 plain ADDED p50 ms",
+            {p: added[p]["p50_ms"] for p in added},
+            check=("added latency p50 ms", value, TARGET_ADDED_P50_MS, False),
+        )
+        value = added["gateway"]["p99_ms"]
+        row(
+            "c=1 plain ADDED p99 ms",
+            {p: added[p]["p99_ms"] for p in added},
+            check=("added latency p99 ms", value, TARGET_ADDED_P99_MS, False),
+        )
     lat = fig.get("latency_stream")
     if lat:
-        row(f"c=1 stream first byte p50 ms (n={lat['gateway']['n']})", {p: lat[p]["first_p50_ms"] for p in PATHS})
+        added = fig["added_stream"]
+        n = lat["gateway"]["n"]
+        row(f"c=1 stream first byte p50 ms (n={n})", {p: lat[p]["first_p50_ms"] for p in PATHS})
         row("c=1 stream first byte p99 ms", {p: lat[p]["first_p99_ms"] for p in PATHS})
         row("c=1 stream end p50 ms", {p: lat[p]["p50_ms"] for p in PATHS})
-        added = fig["added_stream"]
-        res = check("added first byte p50", added["gateway"]["first_p50_ms"], TARGET_FIRST_BYTE_MS, f"<= {TARGET_FIRST_BYTE_MS} ms")
-        row("c=1 stream ADDED first byte p50", {p: added[p]["first_p50_ms"] for p in added},
-            target=f"<= {TARGET_FIRST_BYTE_MS}", result=res)
-        row("c=1 stream ADDED first byte p99", {p: added[p]["first_p99_ms"] for p in added})
+        value = added["gateway"]["first_p50_ms"]
+        row(
+            "c=1 stream ADDED first byte p50 ms",
+            {p: added[p]["first_p50_ms"] for p in added},
+            check=("added first streamed byte p50 ms", value, TARGET_FIRST_BYTE_MS, False),
+        )
+        row("c=1 stream ADDED first byte p99 ms", {p: added[p]["first_p99_ms"] for p in added})
     for key, per_path in fig.get("throughput", {}).items():
         conc, mode = key[1:].split("_")
         vals = {p: per_path[p]["rps"] for p in PATHS}
-        target = result = ""
+        check = None
         if conc == "64":
-            g, r = vals["gateway"], vals["ref_proxy"]
-            ratio = g / r if r else None
-            target = f"gw/ref >= {TARGET_RATIO_C64}"
-            result = check(f"c=64 {mode} throughput vs ref proxy", ratio, TARGET_RATIO_C64, target, higher=True)
-        row(f"c={conc} {mode} req/s", vals, digits=0, ratios=True, target=target, result=result)
+            ratio = vals["gateway"] / vals["ref_proxy"] if vals["ref_proxy"] else None
+            check = (f"c=64 {mode} throughput gateway/ref_proxy", ratio, TARGET_RATIO_C64, True)
+        row(f"c={conc} {mode} req/s", vals, digits=0, vs_direct=True, vs_ref=True, check=check)
         cpu = {p: per_path[p]["server_cpu_us_per_req"] for p in PATHS}
-        row(f"c={conc} {mode} server CPU us/req", cpu, digits=0)
-        rows[-1][5] = fmt(cpu["gateway"] / cpu["ref_proxy"], 2) if cpu["ref_proxy"] else ""
+        row(f"c={conc} {mode} server CPU us/req", cpu, digits=0, vs_ref=True)
     rss = fig.get("rss_mib", {})
     if rss:
         idle = {p: rss[p]["idle"] for p in rss}
-        res = check("gateway idle RSS", idle.get("gateway"), TARGET_IDLE_RSS_MIB, f"<= {TARGET_IDLE_RSS_MIB} MiB")
-        row("RSS idle MiB", idle, digits=1, target=f"<= {TARGET_IDLE_RSS_MIB:.0f}", result=res)
+        check = ("gateway idle RSS MiB", idle.get("gateway"), TARGET_IDLE_RSS_MIB, False)
+        row("RSS idle MiB", idle, digits=1, check=check)
         row("RSS after load MiB", {p: rss[p]["after"] for p in rss}, digits=1)
+    if fig.get("ready_after_spawn_s"):
+        row("ready after spawn s", fig["ready_after_spawn_s"], digits=2)
     return rows, checks
 
 
 def print_table(rows: list[list[str]], header: list[str]) -> None:
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    line = "  ".join(h.ljust(w) if i == 0 else h.rjust(w) for i, (h, w) in enumerate(zip(header, widths, strict=True)))
+    line = "  ".join(
+        h.ljust(w) if i == 0 else h.rjust(w) for i, (h, w) in enumerate(zip(header, widths, strict=True))
+    )
     print(line)
     print("-" * len(line))
     for r in rows:
-        print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))))
+        print(
+            "  ".join(
+                c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))
+            )
+        )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -722,11 +773,15 @@ def check_vampire() -> None:
     if not script.exists():
         raise BenchError(f"{script} does not exist yet; use --gateway-cmd to measure a stand-in")
     try:
-        res = subprocess.run([sys.executable, str(script), "version"], cwd=ROOT, capture_output=True, timeout=20)
+        res = subprocess.run(
+            [sys.executable, str(script), "version"], cwd=ROOT, capture_output=True, timeout=20
+        )
     except subprocess.TimeoutExpired as exc:
         raise BenchError("`python vampire.py version` did not finish in 20 s") from exc
     if res.returncode != 0:
-        raise BenchError(f"`python vampire.py version` failed ({res.returncode}): {res.stderr.decode(errors='replace')[-800:]}")
+        raise BenchError(
+            f"`python vampire.py version` failed ({res.returncode}): {res.stderr.decode(errors='replace')[-800:]}"
+        )
     log(f"vampire version: {res.stdout.decode(errors='replace').strip()}")
 
 
@@ -734,24 +789,32 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Measure the gateway's added latency, throughput and memory.")
     p.add_argument("--quick", action="store_true", help="short run (under 30 s)")
     p.add_argument("--requests", type=int, help="c=1 requests per path per mode (default 2000, quick 300)")
-    p.add_argument("--duration", type=float, help="seconds per throughput round (default 2.5, quick 1.0)")
-    p.add_argument("--rounds", type=int, help="interleaved throughput rounds per path (default 2, quick 1)")
+    p.add_argument("--duration", type=float, help="seconds per throughput round (default 2.0, quick 1.0)")
+    p.add_argument("--rounds", type=int, help="interleaved throughput rounds per path (default 3, quick 1)")
     p.add_argument("--concurrency", default="32,64", help="comma-separated concurrency levels")
     p.add_argument("--block", type=int, default=100, help="c=1 requests per path before switching path")
     p.add_argument("--target", help="measure against this upstream instead of the fast fake one")
     p.add_argument("--model", default="bench-model")
     p.add_argument("--max-tokens", type=int, default=16)
     p.add_argument("--chunk-delay-ms", type=float, default=0.0, help="passed to fast_upstream")
-    p.add_argument("--gateway-cmd", default=DEFAULT_GATEWAY_CMD,
-                   help="gateway command template with {port}, {upstream} and {python} placeholders")
-    p.add_argument("--gateway-env", action="append", default=[], metavar="KEY=VALUE",
-                   help="extra environment for the gateway (repeatable)")
+    p.add_argument(
+        "--gateway-cmd",
+        default=DEFAULT_GATEWAY_CMD,
+        help="gateway command template with {port}, {upstream} and {python} placeholders",
+    )
+    p.add_argument(
+        "--gateway-env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra environment for the gateway (repeatable)",
+    )
     p.add_argument("--api-key", help="sent as a Bearer token to the gateway")
     p.add_argument("--json", dest="json_path", help="write all figures to this file")
     args = p.parse_args(argv)
     args.requests = args.requests or (300 if args.quick else 2000)
-    args.duration = args.duration or (1.0 if args.quick else 2.5)
-    args.rounds = args.rounds or (1 if args.quick else 2)
+    args.duration = args.duration or (1.0 if args.quick else 2.0)
+    args.rounds = args.rounds or (1 if args.quick else 3)
     args.concurrencies = [int(c) for c in args.concurrency.split(",") if c.strip()]
     if args.requests < 1 or args.duration <= 0 or args.rounds < 1 or not args.concurrencies:
         p.error("requests, duration, rounds and concurrency must be positive")
@@ -774,7 +837,7 @@ async def measure(args: argparse.Namespace, endpoints: list[Endpoint]) -> dict[s
     gc.freeze()
     quick = args.quick
     t = time.monotonic()
-    fig["warmup_problems"] = await warmup(endpoints, 50 if quick else 200, 20 if quick else 50, args.model)
+    fig["warmup_problems"] = await warmup(endpoints, 50 if quick else 200, 20 if quick else 50)
     # Latency phases get a time cap so a slow gateway shortens the sample instead of the deadline.
     cap = 6.0 if quick else 12.0
     log("c=1 non-streaming latency")
@@ -790,6 +853,107 @@ async def measure(args: argparse.Namespace, endpoints: list[Endpoint]) -> dict[s
     return fig
 
 
+@dataclass
+class Servers:
+    endpoints: list[Endpoint]
+    ref: Proc
+    gateway: Proc
+    upstream_url: str
+    gateway_argv: list[str]
+    ready_s: dict[str, float]
+
+
+def start_servers(args: argparse.Namespace, workdir: Path, procs: list[Proc]) -> Servers:
+    """Start upstream (unless --target), ref proxy and gateway; every Proc is appended to `procs` at once
+    so the caller's cleanup sees it even if a later step fails."""
+    child_env = dict(os.environ)
+    # A proxy variable in the caller's environment must not reroute loopback traffic.
+    child_env["NO_PROXY"] = child_env["no_proxy"] = "127.0.0.1,localhost"
+    up_proc: Proc | None = None
+    if args.target:
+        up_host, up_port, prefix = parse_url(args.target)
+        upstream_url = args.target.rstrip("/")
+    else:
+        argv = [sys.executable, str(HERE / "fast_upstream.py"), "--port", "0"]
+        argv += ["--chunk-delay-ms", str(args.chunk_delay_ms)]
+        up_proc = spawn("fast_upstream", argv, workdir, child_env, pipe_stdout=True)
+        procs.append(up_proc)
+        up_host, prefix = "127.0.0.1", ""
+        up_port = read_listening_line(up_proc, 10)
+        upstream_url = f"http://127.0.0.1:{up_port}"
+
+    ref_port = free_port()
+    argv = [sys.executable, str(HERE / "ref_proxy.py"), "--port", str(ref_port), "--upstream", upstream_url]
+    ref_proc = spawn("ref_proxy", argv, workdir, child_env)
+    procs.append(ref_proc)
+
+    gw_port = free_port()
+    gw_env = dict(child_env)
+    data_dir = workdir / "data"
+    data_dir.mkdir()
+    gw_env["VAMPIRE_DATA_DIR"] = str(data_dir)
+    gw_env["VAMPIRE_LOG_LEVEL"] = "warning"
+    for item in args.gateway_env:
+        key, sep, val = item.partition("=")
+        if not sep:
+            raise BenchError(f"--gateway-env expects KEY=VALUE, got {item!r}")
+        gw_env[key] = val
+    gw_cmd = gateway_argv(args.gateway_cmd, gw_port, upstream_url)
+    log(f"gateway command: {shlex.join(gw_cmd)}")
+    gw_proc = spawn("gateway", gw_cmd, workdir, gw_env)
+    procs.append(gw_proc)
+
+    auth = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    if args.target:
+        wait_target(up_host, up_port, prefix, args.model)
+    else:
+        wait_ready(up_proc, up_host, up_port, "", args.model, {}, check_health=False)
+    wait_ready(ref_proc, "127.0.0.1", ref_port, "", args.model, {}, check_health=False)
+    wait_ready(gw_proc, "127.0.0.1", gw_port, "", args.model, auth, check_health=True)
+    ready_s = {"ref_proxy": ref_proc.ready_after, "gateway": gw_proc.ready_after}
+    log(f"ready {ready_s['ref_proxy']:.2f}s (ref proxy) and {ready_s['gateway']:.2f}s (gateway) after spawn")
+
+    plain = chat_body(args.model, False, args.max_tokens)
+    stream = chat_body(args.model, True, args.max_tokens)
+
+    def endpoint(name: str, host: str, port: int, path: str, key: str | None, pid: int | None) -> Endpoint:
+        req_plain = build_request(host, port, path, plain, key)
+        req_stream = build_request(host, port, path, stream, key)
+        return Endpoint(name, host, port, req_plain, req_stream, pid)
+
+    endpoints = [
+        endpoint("direct", up_host, up_port, prefix + CHAT_PATH, None, up_proc.pid if up_proc else None),
+        endpoint("ref_proxy", "127.0.0.1", ref_port, CHAT_PATH, None, ref_proc.pid),
+        endpoint("gateway", "127.0.0.1", gw_port, CHAT_PATH, args.api_key, gw_proc.pid),
+    ]
+    return Servers(endpoints, ref_proc, gw_proc, upstream_url, gw_cmd, ready_s)
+
+
+def print_report(fig: dict[str, Any]) -> None:
+    rows, checks = build_report(fig)
+    fig["checks"] = checks
+    meta = fig["meta"]
+    label = "STAND-IN " + shlex.join(meta["gateway_cmd"]) if meta["gateway_is_stand_in"] else "vampire.py"
+    print()
+    print(f"Vampire overhead benchmark; upstream: {meta['upstream']}; gateway: {label}")
+    print_table(rows, ["metric", *PATHS, "gw/direct", "gw/ref", "target", "result"])
+    for name, issues in fig["warmup_problems"].items():
+        print(f"WARNING {name}: {'; '.join(issues)}")
+    for key, per_path in fig["throughput"].items():
+        errs = {p: v["errors"] for p, v in per_path.items() if v["errors"]}
+        if errs:
+            print(f"WARNING {key} failed requests: {errs}")
+    for phase in ("latency_plain", "latency_stream"):
+        errs = {p: v["errors"] for p, v in fig[phase].items() if v["errors"]}
+        if errs:
+            print(f"WARNING {phase} non-200 answers: {errs}")
+    rss = fig["rss_mib"]["gateway"]
+    if rss["idle_tree"] and rss["idle"] and rss["idle_tree"] - rss["idle"] > 1:
+        print(f"note: the gateway's process tree holds {rss['idle_tree']:.1f} MiB idle (children included)")
+    passed = sum(c["result"] == "PASS" for c in checks)
+    print(f"{passed}/{len(checks)} targets met; run took {meta['elapsed_s']} s")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     started = time.monotonic()
@@ -797,88 +961,36 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     procs: list[Proc] = []
     tmp = tempfile.TemporaryDirectory(prefix="vampire-bench-")
-    workdir = Path(tmp.name)
     stand_in = args.gateway_cmd != DEFAULT_GATEWAY_CMD
     try:
         if not stand_in:
             check_vampire()
-        child_env = dict(os.environ)
-        # A proxy variable in the caller's environment must not reroute loopback traffic.
-        child_env["NO_PROXY"] = child_env["no_proxy"] = "127.0.0.1,localhost"
-
-        if args.target:
-            up_host, up_port, prefix = parse_url(args.target)
-            upstream_url = args.target.rstrip("/")
-            up_proc = None
-        else:
-            up_proc = spawn(
-                "fast_upstream",
-                [sys.executable, str(HERE / "fast_upstream.py"), "--port", "0",
-                 "--chunk-delay-ms", str(args.chunk_delay_ms)],
-                workdir, child_env, pipe_stdout=True,
-            )
-            procs.append(up_proc)
-            up_host, prefix = "127.0.0.1", ""
-            up_port = read_listening_line(up_proc, 10)
-            upstream_url = f"http://127.0.0.1:{up_port}"
-
-        ref_port = free_port()
-        ref_proc = spawn("ref_proxy", [sys.executable, str(HERE / "ref_proxy.py"), "--port", str(ref_port),
-                                       "--upstream", upstream_url], workdir, child_env)
-        procs.append(ref_proc)
-
-        gw_port = free_port()
-        gw_env = dict(child_env)
-        data_dir = workdir / "data"
-        data_dir.mkdir()
-        gw_env["VAMPIRE_DATA_DIR"] = str(data_dir)
-        gw_env["VAMPIRE_LOG_LEVEL"] = "warning"
-        for item in args.gateway_env:
-            key, sep, val = item.partition("=")
-            if not sep:
-                raise BenchError(f"--gateway-env expects KEY=VALUE, got {item!r}")
-            gw_env[key] = val
-        gw_cmd = gateway_argv(args.gateway_cmd, gw_port, upstream_url)
-        log(f"gateway command: {shlex.join(gw_cmd)}")
-        gw_proc = spawn("gateway", gw_cmd, workdir, gw_env)
-        procs.append(gw_proc)
-
-        auth = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
-        if args.target:
-            # A real server may list its model under another name; only require that it answers.
-            wait_target(up_host, up_port, prefix, args.model)
-        else:
-            wait_ready(up_proc, up_host, up_port, "", args.model, {}, check_health=False)
-        ref_ready = wait_ready(ref_proc, "127.0.0.1", ref_port, "", args.model, {}, check_health=False)
-        gw_ready = wait_ready(gw_proc, "127.0.0.1", gw_port, "", args.model, auth, check_health=True)
-        log(f"ready: ref proxy {ref_ready:.2f}s, gateway {gw_ready:.2f}s after their readiness polls began")
+        srv = start_servers(args, Path(tmp.name), procs)
         time.sleep(0.3)
-        idle = {"ref_proxy": rss_mib(ref_proc.pid), "gateway": rss_mib(gw_proc.pid)}
-        idle_tree = {"ref_proxy": tree_rss_mib(ref_proc.pid), "gateway": tree_rss_mib(gw_proc.pid)}
-
-        plain = chat_body(args.model, False, args.max_tokens)
-        stream = chat_body(args.model, True, args.max_tokens)
-        endpoints = [
-            Endpoint("direct", up_host, up_port, build_request(up_host, up_port, prefix + CHAT_PATH, plain, None),
-                     build_request(up_host, up_port, prefix + CHAT_PATH, stream, None),
-                     up_proc.pid if up_proc else None),
-            Endpoint("ref_proxy", "127.0.0.1", ref_port, build_request("127.0.0.1", ref_port, CHAT_PATH, plain, None),
-                     build_request("127.0.0.1", ref_port, CHAT_PATH, stream, None), ref_proc.pid),
-            Endpoint("gateway", "127.0.0.1", gw_port, build_request("127.0.0.1", gw_port, CHAT_PATH, plain, args.api_key),
-                     build_request("127.0.0.1", gw_port, CHAT_PATH, stream, args.api_key), gw_proc.pid),
-        ]
-        fig = run_async(measure(args, endpoints))
-        for proc in (ref_proc, gw_proc):
+        pids = {"ref_proxy": srv.ref.pid, "gateway": srv.gateway.pid}
+        idle = {name: (rss_mib(pid), tree_rss_mib(pid)) for name, pid in pids.items()}
+        try:
+            fig = run_async(measure(args, srv.endpoints))
+        except TimeoutError as exc:
+            raise BenchError("a measurement overran its time bound (a server stopped answering?)") from exc
+        for proc in (srv.ref, srv.gateway):
             if not proc.alive():
                 raise BenchError(f"{proc.name} died during the run\n{proc.log_tail()}")
-        after = {"ref_proxy": rss_mib(ref_proc.pid), "gateway": rss_mib(gw_proc.pid)}
-        after_tree = {"ref_proxy": tree_rss_mib(ref_proc.pid), "gateway": tree_rss_mib(gw_proc.pid)}
-        fig["rss_mib"] = {p: {"idle": idle[p], "after": after[p], "idle_tree": idle_tree[p], "after_tree": after_tree[p]}
-                          for p in ("ref_proxy", "gateway")}
+        after = {name: (rss_mib(pid), tree_rss_mib(pid)) for name, pid in pids.items()}
+        fig["rss_mib"] = {
+            name: {
+                "idle": idle[name][0],
+                "after": after[name][0],
+                "idle_tree": idle[name][1],
+                "after_tree": after[name][1],
+            }
+            for name in pids
+        }
+        fig["ready_after_spawn_s"] = srv.ready_s
         fig["meta"] = {
-            "gateway_cmd": gw_cmd,
+            "gateway_cmd": srv.gateway_argv,
             "gateway_is_stand_in": stand_in,
-            "upstream": upstream_url if args.target else "bench/fast_upstream.py",
+            "upstream": srv.upstream_url if args.target else "bench/fast_upstream.py",
             "model": args.model,
             "requests_c1": args.requests,
             "throughput_duration_s": args.duration,
@@ -889,27 +1001,7 @@ def main(argv: list[str] | None = None) -> int:
             "cpus": os.cpu_count(),
             "elapsed_s": round(time.monotonic() - started, 1),
         }
-        rows, checks = build_report(fig)
-        fig["checks"] = checks
-        print()
-        label = "gateway (STAND-IN)" if stand_in else "gateway"
-        print(f"Vampire overhead benchmark — upstream: {fig['meta']['upstream']}; gateway: {label}")
-        print_table(rows, ["metric", *PATHS, "gw/direct", "gw/ref", "target", "result"])
-        for name, issues in fig["warmup_problems"].items():
-            print(f"WARNING {name}: {'; '.join(issues)}")
-        for key, per_path in fig["throughput"].items():
-            errs = {p: v["errors"] for p, v in per_path.items() if v["errors"]}
-            if errs:
-                print(f"WARNING {key} errors: {errs}")
-        for ph in ("latency_plain", "latency_stream"):
-            errs = {p: v["errors"] for p, v in fig[ph].items() if v["errors"]}
-            if errs:
-                print(f"WARNING {ph} non-200 answers: {errs}")
-        gw_tree = fig["rss_mib"]["gateway"]["idle_tree"]
-        if gw_tree and idle["gateway"] and gw_tree - idle["gateway"] > 1:
-            print(f"note: gateway process tree idle RSS is {gw_tree:.1f} MiB (children included)")
-        passed = sum(c["result"] == "PASS" for c in checks)
-        print(f"{passed}/{len(checks)} targets met; run took {fig['meta']['elapsed_s']} s")
+        print_report(fig)
         if args.json_path:
             Path(args.json_path).write_text(json.dumps(jsonable(fig), indent=2) + "\n")
             log(f"figures written to {args.json_path}")
@@ -952,6 +1044,7 @@ def wait_target(host: str, port: int, prefix: str, model: str) -> None:
             last = repr(exc)
         time.sleep(0.1)
     raise BenchError(f"target {host}:{port} did not answer /v1/models ({last})")
+
 
 if __name__ == "__main__":
     sys.exit(main())

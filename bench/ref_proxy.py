@@ -1,7 +1,4 @@
-"""The yardstick: the barest useful proxy on the gateway's own stack (uvicorn + aiohttp client).
-
-    python bench/ref_proxy.py --port 8001 --upstream http://127.0.0.1:8000
-"""
+"""Yardstick: the barest proxy on the gateway's stack. python bench/ref_proxy.py --port N --upstream URL"""
 
 from __future__ import annotations
 
@@ -19,7 +16,7 @@ _session: aiohttp.ClientSession | None = None
 async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
     global _session
     if scope["type"] == "lifespan":
-        while (msg := await receive())["type"] != "lifespan.shutdown":
+        while (await receive())["type"] != "lifespan.shutdown":
             await send({"type": "lifespan.startup.complete"})
         if _session is not None:
             await _session.close()
@@ -33,7 +30,8 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         # Created here, not at import, so it binds to uvicorn's running loop.
         _session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), auto_decompress=False)
     headers = {k.decode(): v.decode() for k, v in scope["headers"] if k.decode() not in HOP}
-    url = UPSTREAM + scope["raw_path"].decode() + ("?" + scope["query_string"].decode() if scope["query_string"] else "")
+    query = scope["query_string"].decode()
+    url = UPSTREAM + scope["raw_path"].decode() + (f"?{query}" if query else "")
     async with _session.request(scope["method"], url, data=body, headers=headers) as resp:
         out = [(k.lower().encode(), v.encode()) for k, v in resp.headers.items() if k.lower() not in HOP]
         if resp.content_type == "text/event-stream":
@@ -55,4 +53,4 @@ if __name__ == "__main__":
     parser.add_argument("--upstream", required=True)
     args = parser.parse_args()
     UPSTREAM = args.upstream.rstrip("/")
-    uvicorn.run(app, host=args.host, port=args.port, loop="uvloop", http="httptools", access_log=False, log_level="warning")
+    uvicorn.run(app, host=args.host, port=args.port, loop="uvloop", http="httptools", access_log=False)

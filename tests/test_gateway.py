@@ -149,24 +149,25 @@ def test_other_v1_paths_are_forwarded(pair: Any) -> None:
 
 
 def test_first_chunk_arrives_long_before_generation_ends(node_factory: Any, gateway_factory: Any) -> None:
-    node = node_factory("slow/model:llm:loaded", tps=20)
+    node = node_factory("slow/model:llm:loaded", tps=20, completion_tokens=1000)
     gw = gateway_factory([node.url])
     body = {"model": "slow/model", "stream": True, "max_tokens": 40, "messages": [{"role": "user", "content": "x"}]}
     with httpx.Client(timeout=30) as http, http.stream("POST", f"{gw.v1}/chat/completions", json=body) as resp:
         assert resp.status_code == 200
-        first = next(resp.iter_raw())
+        chunks = resp.iter_raw()
+        first = next(chunks)
         t_first = time.monotonic()
         # The node is still generating when the client already holds the first token.
         assert node.stats.generations_finished == 0 and node.stats.active_generations == 1
         assert first.startswith(b"data: ")
-        rest = b"".join(resp.iter_raw())
+        rest = b"".join(chunks)
         t_end = time.monotonic()
     assert (first + rest).rstrip().endswith(b"data: [DONE]")
     assert t_end - t_first > 1.0  # 39 more tokens at 20/s were still to come
 
 
 def test_client_disconnect_stops_generation_within_a_second(node_factory: Any, gateway_factory: Any) -> None:
-    node = node_factory("slow/model:llm:loaded", tps=20)
+    node = node_factory("slow/model:llm:loaded", tps=20, completion_tokens=1000)
     gw = gateway_factory([node.url])
     body = {"model": "slow/model", "stream": True, "max_tokens": 400, "messages": [{"role": "user", "content": "x"}]}
     with httpx.Client(timeout=30) as http, http.stream("POST", f"{gw.v1}/chat/completions", json=body) as resp:
