@@ -457,9 +457,10 @@ class _MockHTTPError(Exception):
         self.kind = kind
         self.param = param
         self.code = code
-        self.v1_type = v1_type or ("model_not_found" if code == "model_not_found" else "invalid_request")
-        if status >= 500 and v1_type is None:
-            self.v1_type = "internal_error"
+        if v1_type is None:
+            v1_type = "model_not_found" if code == "model_not_found" else "invalid_request"
+            v1_type = "internal_error" if status >= 500 else v1_type
+        self.v1_type = v1_type
 
 
 class _MockAbort(Exception):
@@ -526,9 +527,13 @@ class _MockTiming:
         return round(tokens / self.generation, 2) if self.generation > 0 else 0.0
 
 
+# Quoted so the alias also works where postponed annotations are off (this section may be pasted elsewhere).
+_MockHandler = Callable[["_MockCall"], Awaitable[web.StreamResponse]]
+
+
 @dataclass(frozen=True)
 class _MockRoute:
-    handler: Callable[[_MockCall], Awaitable[web.StreamResponse]]
+    handler: _MockHandler
     errors: str = "openai"
     inference: bool = False
     fingerprint: str = ""
@@ -552,7 +557,7 @@ class _MockCall:
         return self.data
 
 
-Emit = Callable[[int, str], Awaitable[None]]
+_MockEmit = Callable[[int, str], Awaitable[None]]
 
 
 class _MockStream:
@@ -668,10 +673,14 @@ class MockNode:
                 self._add_instance(model, model.context_length, jit=False, count=False)
 
     def _build_app(self) -> web.Application:
+        # Chat requests may carry base64 images, far beyond aiohttp's 1 MiB default body limit.
         app = web.Application(client_max_size=64 * 1024 * 1024)
-        {"lmstudio": self._lmstudio_routes, "ollama": self._ollama_routes, "openai": self._openai_routes}[
-            self.flavor
-        ]()
+        register = {
+            "lmstudio": self._lmstudio_routes,
+            "ollama": self._ollama_routes,
+            "openai": self._openai_routes,
+        }
+        register[self.flavor]()
         if self.flavor == "lmstudio":
             app.on_response_prepare.append(self._tag_express)
         app.router.add_route("*", "/{tail:.*}", self._dispatch)
@@ -721,7 +730,7 @@ class MockNode:
         self,
         method: str,
         path: str,
-        handler: Callable[[_MockCall], Awaitable[web.StreamResponse]],
+        handler: _MockHandler,
         *,
         errors: str = "openai",
         inference: bool = False,
@@ -1011,8 +1020,10 @@ class MockNode:
         """Map a request's model name to a model and, when resident, the instance that will serve it."""
         if not isinstance(name, str) or not name:
             return self._default_target(purpose)
-        inst = self._instance_by_id(name)
-        model = inst.model if inst is not None else self._model_by_key(name)
+        # A model key goes to its least busy instance; only a name that is no key pins one instance (":2").
+        model = self._model_by_key(name)
+        inst = None if model is not None else self._instance_by_id(name)
+        model = inst.model if inst is not None else model
         if model is None:
             raise self._unknown_model(name)
         self._check_purpose(model, name, purpose)
@@ -1110,7 +1121,9 @@ class MockNode:
         blob = json.dumps([model.id, material, self._seed, sampling.seed, nonce], sort_keys=True)
         return int.from_bytes(hashlib.sha256(blob.encode()).digest()[:8], "big")
 
-    async def _generate(self, inst: _MockInstance, plan: _MockPlan, emit: Emit | None = None) -> _MockTiming:
+    async def _generate(
+        self, inst: _MockInstance, plan: _MockPlan, emit: _MockEmit | None = None
+    ) -> _MockTiming:
         """Run one generation in a parallel slot of `inst` (queueing when all are busy)."""
         self.stats.queued_generations += 1
         inst.waiting += 1
@@ -1124,7 +1137,7 @@ class MockNode:
         finally:
             inst.slots.release()
 
-    async def _produce(self, inst: _MockInstance, plan: _MockPlan, emit: Emit | None) -> _MockTiming:
+    async def _produce(self, inst: _MockInstance, plan: _MockPlan, emit: _MockEmit | None) -> _MockTiming:
         stats = self.stats
         stats.generations_started += 1
         stats.active_generations += 1

@@ -1748,7 +1748,9 @@ class Gateway:
     async def list_models(self, call: Call, send: Send) -> None:
         detail = b"vampire_detail=true" in call.query
         models = {mid: self._model_entry(mid, targets, detail) for mid, targets in self.router.index().items()}
-        models[AUTO_MODEL] = {"id": AUTO_MODEL, "object": "model", "created": int(self.app.started_at), "owned_by": "vampire"}
+        for route in self.router.routes.values():
+            models.setdefault(route.model, self._model_entry(route.model, [], False))
+        models[AUTO_MODEL] = self._model_entry(AUTO_MODEL, [], False)
         requested = call.path[len("/v1/models/"):] if call.path.startswith("/v1/models/") else None
         if requested is not None:
             if requested not in models:

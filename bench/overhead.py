@@ -950,6 +950,9 @@ def print_report(fig: dict[str, Any]) -> None:
     rss = fig["rss_mib"]["gateway"]
     if rss["idle_tree"] and rss["idle"] and rss["idle_tree"] - rss["idle"] > 1:
         print(f"note: the gateway's process tree holds {rss['idle_tree']:.1f} MiB idle (children included)")
+    if meta["loadavg_1m_before"] > 0.5:
+        # Other work on a 2-core machine skews absolute figures; interleaving keeps the ratios usable.
+        print(f"note: the machine was busy before the run (1-minute load {meta['loadavg_1m_before']:.2f})")
     passed = sum(c["result"] == "PASS" for c in checks)
     print(f"{passed}/{len(checks)} targets met; run took {meta['elapsed_s']} s")
 
@@ -962,6 +965,7 @@ def main(argv: list[str] | None = None) -> int:
     procs: list[Proc] = []
     tmp = tempfile.TemporaryDirectory(prefix="vampire-bench-")
     stand_in = args.gateway_cmd != DEFAULT_GATEWAY_CMD
+    load_before = os.getloadavg()[0]
     try:
         if not stand_in:
             check_vampire()
@@ -1000,6 +1004,7 @@ def main(argv: list[str] | None = None) -> int:
             "python": platform.python_version(),
             "cpus": os.cpu_count(),
             "elapsed_s": round(time.monotonic() - started, 1),
+            "loadavg_1m_before": load_before,
         }
         print_report(fig)
         if args.json_path:

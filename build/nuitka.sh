@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Nuitka alternative to build/vampire.spec: compiles vampire.py to C and links one self-contained file.
-#   bash build/nuitka.sh            -> dist/vampire
+#   bash build/nuitka.sh            -> dist/vampire (DIST_DIR overrides dist)
 # Needs a C compiler and patchelf (Linux); compilation takes minutes on a small machine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,7 +23,7 @@ excludes=(
 )
 
 # --assume-yes-for-downloads: Nuitka may fetch a helper tool on some platforms and must not stop to ask.
-args=(--onefile --output-dir=dist --output-filename=vampire --remove-output --assume-yes-for-downloads)
+args=(--onefile "--output-dir=${DIST_DIR:-dist}" --output-filename=vampire --remove-output --assume-yes-for-downloads)
 for module in "${includes[@]}"; do
     args+=("--include-module=$module")
 done

@@ -15,7 +15,9 @@ import httpx
 import ollama
 import openai
 import pytest
+from anthropic.types import TextBlock
 from conftest import LoopThread, wait_until
+from openai.types.chat import ChatCompletionMessageFunctionToolCall
 
 from _emulator import MockModel, MockNode, parse_model_specs
 
@@ -23,7 +25,8 @@ LLM = "qwen/qwen3-4b"
 EMB = "text-embedding-nomic-embed-text-v1.5"
 DEFAULT_MODELS = f"{LLM}:loaded,{EMB}:embedding"
 TOKEN = "sk-lm-Abcd1234:ABCDEFGHIJ0123456789"
-HELLO = [{"role": "user", "content": "Say hello to the world"}]
+# Typed Any so the SDKs' TypedDict parameters accept these plain literals.
+HELLO: Any = [{"role": "user", "content": "Say hello to the world"}]
 
 NodeFactory = Callable[..., MockNode]
 
@@ -77,7 +80,9 @@ def lmstudio_client(node: MockNode, api_key: str = "lm-studio") -> openai.OpenAI
 
 
 def test_parse_model_specs_reads_flags_and_keeps_id_colons() -> None:
-    models = parse_model_specs(f"{LLM}:llm:loaded, {EMB}:embedding,google/gemma-3-4b:vlm,{LLM}:2,llama3.2:latest")
+    models = parse_model_specs(
+        f"{LLM}:llm:loaded, {EMB}:embedding,google/gemma-3-4b:vlm,{LLM}:2,llama3.2:latest"
+    )
     assert [m.id for m in models] == [LLM, EMB, "google/gemma-3-4b", f"{LLM}:2", "llama3.2:latest"]
     assert [m.type for m in models] == ["llm", "embedding", "vlm", "llm", "llm"]
     assert [m.loaded for m in models] == [True, False, False, False, False]
@@ -113,8 +118,14 @@ def test_node_rejects_bad_settings() -> None:
 
 @pytest.mark.parametrize(
     ("method", "path"),
-    [("GET", "/foo"), ("POST", "/v1/models"), ("OPTIONS", "/v1/chat/completions"), ("GET", "/v1/models/x"),
-     ("GET", "/api/v0/load"), ("GET", "/v1/chat/completions")],
+    [
+        ("GET", "/foo"),
+        ("POST", "/v1/models"),
+        ("OPTIONS", "/v1/chat/completions"),
+        ("GET", "/v1/models/x"),
+        ("GET", "/api/v0/load"),
+        ("GET", "/v1/chat/completions"),
+    ],
 )
 def test_unknown_route_answers_200_with_error_string(make_node: NodeFactory, method: str, path: str) -> None:
     node = make_node()
@@ -150,10 +161,18 @@ def test_v0_models_shape(make_node: NodeFactory) -> None:
     node = make_node()
     llm, emb = get(node, "/api/v0/models").json()["data"]
     assert llm == {
-        "id": LLM, "object": "model", "type": "llm", "publisher": "qwen", "arch": "qwen3",
-        "compatibility_type": "gguf", "quantization": "Q4_K_M", "state": "loaded",
-        "max_context_length": 32768, "loaded_context_length": 4096, "capabilities": ["tool_use"],
-    }  # fmt: skip
+        "id": LLM,
+        "object": "model",
+        "type": "llm",
+        "publisher": "qwen",
+        "arch": "qwen3",
+        "compatibility_type": "gguf",
+        "quantization": "Q4_K_M",
+        "state": "loaded",
+        "max_context_length": 32768,
+        "loaded_context_length": 4096,
+        "capabilities": ["tool_use"],
+    }
     assert emb["type"] == "embeddings" and emb["state"] == "not-loaded"
     assert "loaded_context_length" not in emb and "capabilities" not in emb
     assert get(node, f"/api/v0/models/{LLM}").json() == llm
@@ -164,18 +183,36 @@ def test_v1_models_shape(make_node: NodeFactory) -> None:
     node = make_node([MockModel(LLM, loaded=True, reasoning=True), MockModel(EMB, type="embedding")])
     llm, emb = get(node, "/api/v1/models").json()["models"]
     assert llm == {
-        "type": "llm", "publisher": "qwen", "key": LLM, "display_name": "Qwen3 4B", "architecture": "qwen3",
-        "quantization": {"name": "Q4_K_M", "bits_per_weight": 4}, "size_bytes": 2_500_000_000,
+        "type": "llm",
+        "publisher": "qwen",
+        "key": LLM,
+        "display_name": "Qwen3 4B",
+        "architecture": "qwen3",
+        "quantization": {"name": "Q4_K_M", "bits_per_weight": 4},
+        "size_bytes": 2_500_000_000,
         "params_string": "4B",
         "loaded_instances": [
-            {"id": LLM, "config": {"context_length": 4096, "eval_batch_size": 512, "parallel": 4,
-                                   "flash_attention": True}},
+            {
+                "id": LLM,
+                "config": {
+                    "context_length": 4096,
+                    "eval_batch_size": 512,
+                    "parallel": 4,
+                    "flash_attention": True,
+                },
+            },
         ],
-        "max_context_length": 32768, "format": "gguf",
-        "capabilities": {"vision": False, "trained_for_tool_use": True,
-                         "reasoning": {"allowed_options": ["off", "on"], "default": "on"}},
-        "description": None, "variants": [f"{LLM}@q4_k_m"], "selected_variant": f"{LLM}@q4_k_m",
-    }  # fmt: skip
+        "max_context_length": 32768,
+        "format": "gguf",
+        "capabilities": {
+            "vision": False,
+            "trained_for_tool_use": True,
+            "reasoning": {"allowed_options": ["off", "on"], "default": "on"},
+        },
+        "description": None,
+        "variants": [f"{LLM}@q4_k_m"],
+        "selected_variant": f"{LLM}@q4_k_m",
+    }
     assert emb["type"] == "embedding" and emb["loaded_instances"] == []
     assert "capabilities" not in emb and "architecture" not in emb
 
@@ -211,17 +248,25 @@ def test_version_035_has_no_v0_or_responses(make_node: NodeFactory) -> None:
     [
         ({}, "An LM Studio API token is required to make requests to this server, but none was provided"),
         ({"Authorization": "Basic abc"}, "An LM Studio API token is required"),
-        ({"Authorization": "Bearer lm-studio"}, "Malformed LM Studio API token provided: lm-stu... Ensure you"),
-        ({"Authorization": "Bearer sk-lm-Zzzz9999:ZZZZZZZZZZ0123456789"}, "Invalid LM Studio API token provided."),
+        (
+            {"Authorization": "Bearer lm-studio"},
+            "Malformed LM Studio API token provided: lm-stu... Ensure you",
+        ),
+        (
+            {"Authorization": "Bearer sk-lm-Zzzz9999:ZZZZZZZZZZ0123456789"},
+            "Invalid LM Studio API token provided.",
+        ),
     ],
 )
 def test_auth_rejects_missing_malformed_and_wrong_tokens(
     make_node: NodeFactory, headers: dict[str, str], message: str
 ) -> None:
     node = make_node(token=TOKEN)
-    for response in (get(node, "/v1/models", headers=headers), chat(node, **{}) if not headers else None):
-        if response is None:
-            continue
+    chat_body = {"model": LLM, "messages": HELLO}
+    for response in (
+        get(node, "/v1/models", headers=headers),
+        post(node, "/v1/chat/completions", chat_body, headers=headers),
+    ):
         assert response.status_code == 401
         error = response.json()["error"]
         assert (error["type"], error["code"]) == ("invalid_request", "invalid_api_key")
@@ -235,7 +280,7 @@ def test_auth_accepts_token_and_keeps_greeting_open(make_node: NodeFactory) -> N
     assert get(node, "/foo").status_code == 401
     good = {"Authorization": f"Bearer {TOKEN}"}
     assert get(node, "/api/v1/models", headers=good).status_code == 200
-    completion = lmstudio_client(node, TOKEN).chat.completions.create(model=LLM, messages=HELLO)  # type: ignore[arg-type]
+    completion = lmstudio_client(node, TOKEN).chat.completions.create(model=LLM, messages=HELLO)
     assert completion.choices[0].message.content
 
 
@@ -246,7 +291,7 @@ def test_auth_x_api_key_only_on_messages(make_node: NodeFactory) -> None:
     assert chat(node).status_code == 401
     assert get(node, "/v1/models", headers={"x-api-key": TOKEN}).status_code == 401
     reply = anthropic.Anthropic(base_url=node.url, api_key=TOKEN, max_retries=0).messages.create(
-        model=LLM, max_tokens=4, messages=HELLO  # type: ignore[arg-type]
+        model=LLM, max_tokens=4, messages=HELLO
     )
     assert reply.usage.output_tokens == 4
 
@@ -268,8 +313,11 @@ def test_chat_completion_non_stream_shape(make_node: NodeFactory) -> None:
     body = chat(node, temperature=0).json()
     assert body["id"].startswith("chatcmpl-") and isinstance(body["created"], int)
     assert (body["object"], body["model"], body["system_fingerprint"], body["stats"]) == (
-        "chat.completion", LLM, LLM, {}
-    )  # fmt: skip
+        "chat.completion",
+        LLM,
+        LLM,
+        {},
+    )
     (choice,) = body["choices"]
     assert (choice["index"], choice["logprobs"], choice["finish_reason"]) == (0, None, "stop")
     assert choice["message"]["role"] == "assistant"
@@ -285,7 +333,11 @@ def test_chat_stream_chunks(make_node: NodeFactory) -> None:
     chunks = sse_json(response.text)
     assert len(chunks) == 4 and all("usage" not in c for c in chunks)
     for chunk in chunks:
-        assert (chunk["object"], chunk["model"], chunk["system_fingerprint"]) == ("chat.completion.chunk", LLM, LLM)
+        assert (chunk["object"], chunk["model"], chunk["system_fingerprint"]) == (
+            "chat.completion.chunk",
+            LLM,
+            LLM,
+        )
         assert chunk["choices"][0]["logprobs"] is None
     deltas = [c["choices"][0]["delta"] for c in chunks]
     assert deltas[0]["role"] == "assistant" and "role" not in deltas[1]
@@ -305,8 +357,8 @@ def test_chat_stream_usage_only_with_include_usage(make_node: NodeFactory) -> No
 def test_openai_client_streams_the_same_text(make_node: NodeFactory) -> None:
     node = make_node()
     client = lmstudio_client(node)
-    whole = client.chat.completions.create(model=LLM, messages=HELLO, temperature=0)  # type: ignore[arg-type]
-    stream = client.chat.completions.create(model=LLM, messages=HELLO, temperature=0, stream=True)  # type: ignore[arg-type]
+    whole = client.chat.completions.create(model=LLM, messages=HELLO, temperature=0)
+    stream = client.chat.completions.create(model=LLM, messages=HELLO, temperature=0, stream=True)
     text = "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
     assert text == whole.choices[0].message.content
 
@@ -328,39 +380,48 @@ def test_generation_is_deterministic_only_when_asked(make_node: NodeFactory) -> 
     assert text(temperature=0) == text(temperature=0)
     assert text(temperature=0.7, seed=42) == text(temperature=0.7, seed=42)
     assert text(temperature=1) != text(temperature=1)
-    other = make_node()
-    assert text(temperature=0) == other_text(other)
-
-
-def other_text(node: MockNode) -> str:
-    return chat(node, temperature=0).json()["choices"][0]["message"]["content"]
+    twin = make_node()
+    assert chat(twin, temperature=0).json()["choices"][0]["message"]["content"] == text(temperature=0)
 
 
 def test_prompt_tokens_count_words_plus_four_per_message(make_node: NodeFactory) -> None:
     node = make_node()
-    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": [{"type": "text", "text": "a b c"}]}]
+    messages = [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": [{"type": "text", "text": "a b c"}]},
+    ]
     usage = post(node, "/v1/chat/completions", {"model": LLM, "messages": messages}).json()["usage"]
     assert usage["prompt_tokens"] == (2 + 4) + (3 + 4)
     assert node.stats.prompt_tokens_total == 13 and node.stats.completion_tokens_total == 12
 
 
-WEATHER_TOOLS = [
-    {"type": "function", "function": {"name": "get_weather", "parameters": {
-        "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}},
-]  # fmt: skip
-WEATHER_ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
+WEATHER_TOOLS: Any = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "parameters": {
+                "type": "object",
+                "properties": {"city": {"type": "string"}},
+                "required": ["city"],
+            },
+        },
+    },
+]
+WEATHER_ASK: Any = [{"role": "user", "content": "What is the weather in Paris?"}]
 
 
 def test_tool_call_non_stream(make_node: NodeFactory) -> None:
     node = make_node()
     completion = lmstudio_client(node).chat.completions.create(
-        model=LLM, messages=WEATHER_ASK, tools=WEATHER_TOOLS  # type: ignore[arg-type]
+        model=LLM, messages=WEATHER_ASK, tools=WEATHER_TOOLS
     )
     choice = completion.choices[0]
-    assert choice.finish_reason == "tool_calls"
-    call = choice.message.tool_calls[0]  # type: ignore[index]
-    assert call.function.name == "get_weather"  # type: ignore[union-attr]
-    assert json.loads(call.function.arguments) == {"city": "Paris"}  # type: ignore[union-attr]
+    assert choice.finish_reason == "tool_calls" and choice.message.tool_calls
+    call = choice.message.tool_calls[0]
+    assert isinstance(call, ChatCompletionMessageFunctionToolCall)
+    assert call.function.name == "get_weather"
+    assert json.loads(call.function.arguments) == {"city": "Paris"}
     assert "tool_calls" not in chat(node, tools=WEATHER_TOOLS).json()["choices"][0]["message"]
 
 
@@ -382,10 +443,16 @@ def test_tool_call_stream_pieces(make_node: NodeFactory) -> None:
 
 def test_completions_non_stream_and_stream(make_node: NodeFactory) -> None:
     node = make_node(completion_tokens=4)
-    body = post(node, "/v1/completions", {"model": LLM, "prompt": "Once upon a time", "temperature": 0}).json()
+    body = post(
+        node, "/v1/completions", {"model": LLM, "prompt": "Once upon a time", "temperature": 0}
+    ).json()
     assert body["id"].startswith("cmpl-") and body["object"] == "text_completion"
     assert body["choices"][0]["finish_reason"] == "stop" and body["usage"]["prompt_tokens"] == 4
-    stream = post(node, "/v1/completions", {"model": LLM, "prompt": "Once upon a time", "temperature": 0, "stream": True})
+    stream = post(
+        node,
+        "/v1/completions",
+        {"model": LLM, "prompt": "Once upon a time", "temperature": 0, "stream": True},
+    )
     chunks = sse_json(stream.text)
     assert all(c["object"] == "text_completion" for c in chunks)
     assert "".join(c["choices"][0]["text"] for c in chunks) == body["choices"][0]["text"]
@@ -408,7 +475,9 @@ def test_model_kind_mismatch_is_rejected(make_node: NodeFactory) -> None:
     wrong_chat = post(node, "/v1/chat/completions", {"model": EMB, "messages": HELLO})
     assert wrong_chat.status_code == 400 and "embedding model" in wrong_chat.json()["error"]["message"]
     wrong_embed = post(node, "/v1/embeddings", {"model": LLM, "input": "x"})
-    assert wrong_embed.status_code == 400 and "not an embedding model" in wrong_embed.json()["error"]["message"]
+    assert (
+        wrong_embed.status_code == 400 and "not an embedding model" in wrong_embed.json()["error"]["message"]
+    )
 
 
 def test_malformed_json_gets_openai_style_400(make_node: NodeFactory) -> None:
@@ -479,9 +548,13 @@ def test_concurrent_requests_share_one_jit_load(make_node: NodeFactory) -> None:
     node = make_node("a", load_delay=0.2)
     results: list[int] = []
     threads = [
-        threading.Thread(target=lambda: results.append(post(node, "/v1/chat/completions", {"model": "a", "messages": HELLO}).status_code))
+        threading.Thread(
+            target=lambda: results.append(
+                post(node, "/v1/chat/completions", {"model": "a", "messages": HELLO}).status_code
+            )
+        )
         for _ in range(3)
-    ]  # fmt: skip
+    ]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -491,7 +564,9 @@ def test_concurrent_requests_share_one_jit_load(make_node: NodeFactory) -> None:
 
 def test_explicit_load_creates_numbered_instances(make_node: NodeFactory) -> None:
     node = make_node(load_delay=0.05)
-    loaded = post(node, "/api/v1/models/load", {"model": LLM, "context_length": 8192, "echo_load_config": True}).json()
+    loaded = post(
+        node, "/api/v1/models/load", {"model": LLM, "context_length": 8192, "echo_load_config": True}
+    ).json()
     assert loaded["type"] == "llm" and loaded["instance_id"] == f"{LLM}:2" and loaded["status"] == "loaded"
     assert loaded["load_time_seconds"] >= 0.05 and loaded["load_config"]["context_length"] == 8192
     assert f"{LLM}:2" in [m["id"] for m in get(node, "/v1/models").json()["data"]]
@@ -500,7 +575,9 @@ def test_explicit_load_creates_numbered_instances(make_node: NodeFactory) -> Non
     assert post(node, "/api/v1/models/load", {"model": LLM}).json()["instance_id"] == f"{LLM}:3"
     emb = post(node, "/api/v1/models/load", {"model": EMB, "echo_load_config": True}).json()
     assert emb["type"] == "embedding" and emb["load_config"] == {"context_length": 4096}
-    assert post(node, "/api/v1/models/unload", {"instance_id": f"{LLM}:2"}).json() == {"instance_id": f"{LLM}:2"}
+    assert post(node, "/api/v1/models/unload", {"instance_id": f"{LLM}:2"}).json() == {
+        "instance_id": f"{LLM}:2"
+    }
     assert node.loaded_ids() == [LLM, f"{LLM}:3", EMB]
 
 
@@ -517,9 +594,40 @@ def test_load_and_unload_errors(make_node: NodeFactory) -> None:
     assert unknown.status_code == 404 and unknown.json()["error"]["type"] == "model_not_found"
     extra = post(node, "/api/v1/models/load", {"model": LLM, "stream": True})
     assert extra.status_code == 400
-    assert extra.json()["error"] == {"type": "invalid_request", "message": "Unrecognized key(s) in object: 'stream'"}
+    assert extra.json()["error"] == {
+        "type": "invalid_request",
+        "message": "Unrecognized key(s) in object: 'stream'",
+    }
     missing = post(node, "/api/v1/models/unload", {"instance_id": "nope"})
     assert missing.status_code == 404 and missing.json()["error"]["type"] == "model_not_found"
+
+
+def test_jit_stream_sends_nothing_while_loading(make_node: NodeFactory) -> None:
+    node = make_node("a", load_delay=0.3)
+    body = {"model": "a", "messages": HELLO, "stream": True}
+    started = time.monotonic()
+    with httpx.stream("POST", node.url + "/v1/chat/completions", json=body, timeout=10) as response:
+        assert time.monotonic() - started >= 0.3  # the status line itself waited for the load
+        assert response.read().endswith(b"data: [DONE]\n\n")
+
+
+def test_model_names_accept_variant_and_instance_ids(make_node: NodeFactory) -> None:
+    node = make_node()
+    assert chat(node, model=f"{LLM}@q4_k_m").json()["model"] == LLM
+    post(node, "/api/v1/models/load", {"model": LLM})
+    assert chat(node, model=f"{LLM}:2").json()["model"] == f"{LLM}:2"
+    missing = chat(node, model=f"{LLM}:7")
+    assert missing.status_code == 400 and missing.json()["error"]["code"] == "model_not_found"
+
+
+def test_node_restarts_on_the_same_port(make_node: NodeFactory, bg: LoopThread) -> None:
+    node = make_node()
+    url = node.url
+    bg.run(node.stop())
+    with pytest.raises(httpx.ConnectError):
+        get(node, "/v1/models")
+    assert bg.run(node.start(port=int(url.rsplit(":", 1)[1]))) == url
+    assert get(node, "/lmstudio-greeting").status_code == 200
 
 
 # ---- LM Studio: other inference surfaces ---------------------------------------------------------------
@@ -528,9 +636,19 @@ def test_load_and_unload_errors(make_node: NodeFactory) -> None:
 def test_v0_chat_adds_stats_model_info_runtime(make_node: NodeFactory) -> None:
     node = make_node()
     body = post(node, "/api/v0/chat/completions", {"model": LLM, "messages": HELLO, "max_tokens": 3}).json()
-    assert set(body["stats"]) == {"tokens_per_second", "time_to_first_token", "generation_time", "stop_reason"}
+    assert set(body["stats"]) == {
+        "tokens_per_second",
+        "time_to_first_token",
+        "generation_time",
+        "stop_reason",
+    }
     assert body["stats"]["stop_reason"] == "maxPredictedTokensReached"
-    assert body["model_info"] == {"arch": "qwen3", "quant": "Q4_K_M", "format": "gguf", "context_length": 4096}
+    assert body["model_info"] == {
+        "arch": "qwen3",
+        "quant": "Q4_K_M",
+        "format": "gguf",
+        "context_length": 4096,
+    }
     assert body["runtime"]["supported_formats"] == ["gguf"]
     natural = post(node, "/api/v0/completions", {"model": LLM, "prompt": "hi"}).json()
     assert natural["stats"]["stop_reason"] == "eosFound"
@@ -567,34 +685,47 @@ def test_responses_stream_events(make_node: NodeFactory) -> None:
 def test_anthropic_messages_non_stream(make_node: NodeFactory) -> None:
     node = make_node()
     client = anthropic.Anthropic(base_url=node.url, api_key="lm-studio", max_retries=0)
-    cut = client.messages.create(model=LLM, max_tokens=5, messages=HELLO, system="be kind")  # type: ignore[arg-type]
+    cut = client.messages.create(model=LLM, max_tokens=5, messages=HELLO, system="be kind")
     assert cut.id.startswith("msg_") and cut.type == "message" and cut.role == "assistant"
     assert cut.stop_reason == "max_tokens" and cut.model == LLM
     assert (cut.usage.input_tokens, cut.usage.output_tokens) == (9 + 6, 5)
-    full = client.messages.create(model=LLM, max_tokens=1024, messages=HELLO)  # type: ignore[arg-type]
-    assert full.stop_reason == "end_turn" and len(full.content[0].text.split()) == 12  # type: ignore[union-attr]
+    full = client.messages.create(model=LLM, max_tokens=1024, messages=HELLO)
+    block = full.content[0]
+    assert full.stop_reason == "end_turn" and isinstance(block, TextBlock) and len(block.text.split()) == 12
 
 
 def test_anthropic_messages_stream(make_node: NodeFactory) -> None:
     node = make_node(completion_tokens=4)
     client = anthropic.Anthropic(base_url=node.url, api_key="lm-studio", max_retries=0)
-    with client.messages.stream(model=LLM, max_tokens=100, messages=HELLO) as stream:  # type: ignore[arg-type]
+    with client.messages.stream(model=LLM, max_tokens=100, messages=HELLO) as stream:
         text = "".join(stream.text_stream)
         final = stream.get_final_message()
     assert len(text.split()) == 4 and final.stop_reason == "end_turn" and final.usage.output_tokens == 4
     raw = post(node, "/v1/messages", {"model": LLM, "max_tokens": 2, "messages": HELLO, "stream": True}).text
     names = [name for name, _ in sse_frames(raw)]
-    assert names == ["message_start", "content_block_start", "ping", "content_block_delta", "content_block_delta",
-                     "content_block_stop", "message_delta", "message_stop"]  # fmt: skip
+    assert names == [
+        "message_start",
+        "content_block_start",
+        "ping",
+        "content_block_delta",
+        "content_block_delta",
+        "content_block_stop",
+        "message_delta",
+        "message_stop",
+    ]
 
 
 def test_native_chat_non_stream_is_stateful(make_node: NodeFactory) -> None:
     node = make_node()
-    first = post(node, "/api/v1/chat", {"model": LLM, "input": "Hello there", "system_prompt": "be brief"}).json()
+    first = post(
+        node, "/api/v1/chat", {"model": LLM, "input": "Hello there", "system_prompt": "be brief"}
+    ).json()
     assert first["model_instance_id"] == LLM and first["response_id"].startswith("resp_")
     assert first["output"][0]["type"] == "message" and len(first["output"][0]["content"].split()) == 12
     assert first["stats"]["input_tokens"] == 6 + 6 and "model_load_time_seconds" not in first["stats"]
-    second = post(node, "/api/v1/chat", {"model": LLM, "input": "More", "previous_response_id": first["response_id"]})
+    second = post(
+        node, "/api/v1/chat", {"model": LLM, "input": "More", "previous_response_id": first["response_id"]}
+    )
     assert second.json()["stats"]["input_tokens"] == 12 + 16 + 5
     missing = post(node, "/api/v1/chat", {"model": LLM, "input": "x", "previous_response_id": "resp_nope"})
     assert missing.status_code == 404 and set(missing.json()["error"]) == {"type", "message"}
@@ -605,10 +736,20 @@ def test_native_chat_stream_reports_jit_load(make_node: NodeFactory) -> None:
     frames = sse_frames(post(node, "/api/v1/chat", {"model": "a", "input": "hi", "stream": True}).text)
     names = [name for name, _ in frames]
     assert names == [
-        "chat.start", "model_load.start", "model_load.progress", "model_load.progress", "model_load.end",
-        "prompt_processing.start", "prompt_processing.progress", "prompt_processing.end",
-        "message.start", "message.delta", "message.delta", "message.end", "chat.end",
-    ]  # fmt: skip
+        "chat.start",
+        "model_load.start",
+        "model_load.progress",
+        "model_load.progress",
+        "model_load.end",
+        "prompt_processing.start",
+        "prompt_processing.progress",
+        "prompt_processing.end",
+        "message.start",
+        "message.delta",
+        "message.delta",
+        "message.end",
+        "chat.end",
+    ]
     result = json.loads(frames[-1][1])["result"]
     assert result["stats"]["model_load_time_seconds"] >= 0.05
     deltas = "".join(json.loads(data)["content"] for name, data in frames if name == "message.delta")
@@ -646,10 +787,15 @@ def test_parallel_slots_allow_concurrency_up_to_the_limit(make_node: NodeFactory
 def test_disconnect_mid_stream_stops_generation(make_node: NodeFactory) -> None:
     node = make_node(tps=50, completion_tokens=1000)
     body = {"model": LLM, "messages": HELLO, "stream": True}
-    with httpx.Client(timeout=10) as client, client.stream("POST", node.url + "/v1/chat/completions", json=body) as r:
+    with (
+        httpx.Client(timeout=10) as client,
+        client.stream("POST", node.url + "/v1/chat/completions", json=body) as r,
+    ):
         lines = r.iter_lines()
         assert next(lines).startswith("data: ")
-    wait_until(lambda: node.stats.generations_cancelled == 1 and node.stats.active_generations == 0, timeout=1.0)
+    wait_until(
+        lambda: node.stats.generations_cancelled == 1 and node.stats.active_generations == 0, timeout=1.0
+    )
     produced = node.stats.tokens_generated
     assert produced < 1000 and node.stats.generations_finished == 0
 
@@ -658,7 +804,9 @@ def test_disconnect_during_non_stream_generation_cancels_it(make_node: NodeFacto
     node = make_node(tps=50, completion_tokens=1000)
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(node.url + "/v1/chat/completions", json={"model": LLM, "messages": HELLO}, timeout=0.3)
-    wait_until(lambda: node.stats.generations_cancelled == 1 and node.stats.active_generations == 0, timeout=1.0)
+    wait_until(
+        lambda: node.stats.generations_cancelled == 1 and node.stats.active_generations == 0, timeout=1.0
+    )
 
 
 def test_close_after_response_drops_the_second_request_on_a_connection(make_node: NodeFactory) -> None:
@@ -722,7 +870,10 @@ def test_fault_midstream_aborts_after_some_chunks(make_node: NodeFactory) -> Non
     node.set_fault("midstream", after_chunks=2)
     received: list[str] = []
     body = {"model": LLM, "messages": HELLO, "stream": True}
-    with pytest.raises(httpx.RemoteProtocolError), httpx.stream("POST", node.url + "/v1/chat/completions", json=body, timeout=5) as r:  # fmt: skip
+    with (
+        pytest.raises(httpx.RemoteProtocolError),
+        httpx.stream("POST", node.url + "/v1/chat/completions", json=body, timeout=5) as r,
+    ):
         received.extend(line for line in r.iter_lines() if line)
     assert len(received) == 2 and all(line.startswith("data: {") for line in received)
     assert chat(node).status_code == 200  # non-streaming answers are not cut
@@ -749,10 +900,15 @@ def test_received_records_every_request(make_node: NodeFactory) -> None:
     get(node, "/v1/models?x=1", headers={"X-Trace": "abc"})
     httpx.post(node.url + "/v1/chat/completions", content=b"{bad", timeout=5)
     models, bad = node.received
-    assert (models.method, models.path, models.query, models.headers["x-trace"]) == ("GET", "/v1/models", "x=1", "abc")
+    assert (models.method, models.path, models.query, models.headers["x-trace"]) == (
+        "GET",
+        "/v1/models",
+        "x=1",
+        "abc",
+    )
     assert (bad.body, bad.json) == (b"{bad", None) and bad.time >= models.time
     chat(node)
-    assert node.received[-1].json["model"] == LLM and node.stats.requests == 3  # type: ignore[index]
+    assert node.received[-1].json["model"] == LLM and node.stats.requests == 3
 
 
 # ---- Ollama flavor -----------------------------------------------------------------------------------------
@@ -767,8 +923,10 @@ def test_ollama_plain_routes(make_node: NodeFactory) -> None:
     assert get(node, "/api/version").json() == {"version": "0.12.3"}
     missing = get(node, "/nope")
     assert (missing.status_code, missing.text, missing.headers["content-type"].split(";")[0]) == (
-        404, "404 page not found", "text/plain"
-    )  # fmt: skip
+        404,
+        "404 page not found",
+        "text/plain",
+    )
     assert get(node, "/api/chat").status_code == 405
     assert get(node, "/lmstudio-greeting").status_code == 404
     unknown = post(node, "/api/chat", {"model": "nope", "messages": HELLO})
@@ -782,7 +940,8 @@ def test_ollama_client_catalogue(make_node: NodeFactory) -> None:
     (running,) = client.ps().models
     assert running.model == "llama3.2:latest" and running.context_length == 4096
     shown = client.show("llama3.2")
-    assert shown.capabilities == ["completion", "tools"] and shown.details.family == "llama3"  # type: ignore[union-attr]
+    assert shown.capabilities == ["completion", "tools"]
+    assert shown.details is not None and shown.details.family == "llama3"
 
 
 def test_ollama_client_chat_generate_embed(make_node: NodeFactory) -> None:
@@ -790,7 +949,7 @@ def test_ollama_client_chat_generate_embed(make_node: NodeFactory) -> None:
     client = ollama.Client(host=node.url)
     reply = client.chat(model="llama3.2", messages=HELLO, options={"temperature": 0})
     assert reply.done and reply.done_reason == "stop" and reply.eval_count == 5
-    assert reply.prompt_eval_count == 9 and len(reply.message.content.split()) == 5  # type: ignore[union-attr]
+    assert reply.prompt_eval_count == 9 and len((reply.message.content or "").split()) == 5
     parts = list(client.chat(model="llama3.2", messages=HELLO, options={"temperature": 0}, stream=True))
     assert "".join(p.message.content or "" for p in parts) == reply.message.content and parts[-1].done
     generated = client.generate(model="llama3.2:latest", prompt="hi", options={"num_predict": 2})
@@ -810,8 +969,11 @@ def test_ollama_ndjson_stream_and_tools(make_node: NodeFactory) -> None:
     assert [line["done"] for line in lines] == [False, False, False, True]
     final = lines[-1]
     assert final["eval_count"] == 3 and final["total_duration"] > 0 and "load_duration" not in final
-    tool_reply = ollama.Client(host=node.url).chat(model="llama3.2", messages=WEATHER_ASK, tools=WEATHER_TOOLS)
-    call = tool_reply.message.tool_calls[0]  # type: ignore[index]
+    tool_reply = ollama.Client(host=node.url).chat(
+        model="llama3.2", messages=WEATHER_ASK, tools=WEATHER_TOOLS
+    )
+    assert tool_reply.message.tool_calls
+    call = tool_reply.message.tool_calls[0]
     assert call.function.name == "get_weather" and call.function.arguments == {"city": "Paris"}
 
 
@@ -830,9 +992,11 @@ def test_ollama_openai_surface(make_node: NodeFactory) -> None:
     client = openai.OpenAI(base_url=node.url + "/v1", api_key="ollama", max_retries=0)
     models = client.models.list().data
     assert [m.owned_by for m in models] == ["library", "library"] and models[0].created > 0
-    completion = client.chat.completions.create(model="llama3.2:latest", messages=HELLO)  # type: ignore[arg-type]
+    completion = client.chat.completions.create(model="llama3.2:latest", messages=HELLO)
     assert completion.system_fingerprint == "fp_ollama"
-    chunks = sse_json(post(node, "/v1/chat/completions", {"model": "llama3.2", "messages": HELLO, "stream": True}).text)
+    chunks = sse_json(
+        post(node, "/v1/chat/completions", {"model": "llama3.2", "messages": HELLO, "stream": True}).text
+    )
     assert all(c["system_fingerprint"] == "fp_ollama" for c in chunks)
     missing = post(node, "/v1/chat/completions", {"model": "nope", "messages": HELLO})
     assert missing.status_code == 404 and missing.json()["error"]["type"] == "not_found_error"
@@ -857,14 +1021,17 @@ def test_openai_flavor_with_the_openai_client(make_node: NodeFactory) -> None:
     node = make_node("model.gguf,embed.gguf:embedding", flavor="openai", completion_tokens=4)
     client = openai.OpenAI(base_url=node.url + "/v1", api_key="none", max_retries=0)
     assert [m.id for m in client.models.list().data] == ["model.gguf", "embed.gguf"]
-    whole = client.chat.completions.create(model="model.gguf", messages=HELLO, temperature=0)  # type: ignore[arg-type]
+    whole = client.chat.completions.create(model="model.gguf", messages=HELLO, temperature=0)
     assert "stats" not in whole.model_dump() or whole.model_dump().get("stats") is None
     stream = client.chat.completions.create(
-        model="model.gguf", messages=HELLO, temperature=0, stream=True, stream_options={"include_usage": True}  # type: ignore[arg-type]
+        model="model.gguf", messages=HELLO, temperature=0, stream=True, stream_options={"include_usage": True}
     )
     chunks = list(stream)
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 4
-    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == whole.choices[0].message.content
+    assert (
+        "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        == whole.choices[0].message.content
+    )
     assert len(client.embeddings.create(model="embed.gguf", input="x").data[0].embedding) == 16
     with pytest.raises(openai.NotFoundError):
-        client.chat.completions.create(model="nope", messages=HELLO)  # type: ignore[arg-type]
+        client.chat.completions.create(model="nope", messages=HELLO)
