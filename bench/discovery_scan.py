@@ -16,7 +16,7 @@ from pathlib import Path
 import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import vampire  # noqa: E402
+import vampire
 
 
 def free_ports(count: int) -> list[int]:

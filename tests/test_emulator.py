@@ -19,7 +19,7 @@ from anthropic.types import TextBlock
 from conftest import LoopThread, wait_until
 from openai.types.chat import ChatCompletionMessageFunctionToolCall
 
-from _emulator import MockModel, MockNode, parse_model_specs
+from vampire import MockModel, MockNode, parse_model_specs
 
 LLM = "qwen/qwen3-4b"
 EMB = "text-embedding-nomic-embed-text-v1.5"

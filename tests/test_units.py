@@ -107,17 +107,22 @@ def test_lmstudio_v0_model_normalized() -> None:
     assert (e.type, e.loaded, e.context_length) == ("embedding", False, None)
 
 
+CHAT = vampire.Needs("chat")
+
+
 def _router(tmp_path: Path, nodes: list[Node]) -> Router:
     settings = Settings.load(tmp_path / "none.toml", env={}, data_dir=tmp_path)
-    registry = Registry(settings, vampire.Store(settings.db_path), vampire.EventBus())
+    store = vampire.Store(settings.db_path)
+    registry = Registry(settings, store, vampire.EventBus())
     for node in nodes:
         registry.nodes[node.id] = node
-    return Router(registry)
+    return Router(registry, store)
 
 
 def _node(node_id: str, *models: ModelInfo, in_flight: int = 0, latency: float | None = None, **kw: object) -> Node:
     node = Node(id=node_id, url=f"http://{node_id}:1", name=node_id, trusted=True, health="online",
                 models=list(models), in_flight=in_flight, latency_ms=latency)
+    node.busy = {m.id: in_flight for m in models}
     for key, value in kw.items():
         setattr(node, key, value)
     return node
@@ -129,13 +134,14 @@ def test_score_prefers_loaded_then_free_slots_then_latency(tmp_path: Path) -> No
     slow = _node("slow", ModelInfo("m", loaded=True), in_flight=1, latency=50)
     fast = _node("fast", ModelInfo("m", loaded=True), in_flight=1, latency=5)
     router = _router(tmp_path, [cold, busy, slow, fast])
-    assert [t.node.id for t in router.resolve("m", "chat")] == ["fast", "slow", "busy", "cold"]
+    assert [t.node.id for t in router.plan("m", CHAT).targets] == ["fast", "slow", "busy", "cold"]
 
 
 def test_tier_shrinks_capacity_in_the_score() -> None:
     half = _node("half", ModelInfo("m", loaded=True, slots=4), in_flight=1, token="vampire50")
     full = _node("full", ModelInfo("m", loaded=True, slots=4), in_flight=1)
-    assert vampire._score(Target(full, full.models[0])) < vampire._score(Target(half, half.models[0]))
+    assert vampire.score(Target(full, full.models[0])) < vampire.score(Target(half, half.models[0]))
+    assert Target(half, half.models[0]).capacity == 2
 
 
 def test_untrusted_draining_offline_unauthorized_nodes_get_no_traffic(tmp_path: Path) -> None:
@@ -147,27 +153,27 @@ def test_untrusted_draining_offline_unauthorized_nodes_get_no_traffic(tmp_path: 
         _node("unauthorized", ModelInfo("m", loaded=True), health="unauthorized"),
         _node("ok", ModelInfo("m", loaded=False)),
     ]
-    assert [t.node.id for t in _router(tmp_path, nodes).resolve("m", "chat")] == ["ok"]
+    assert [t.node.id for t in _router(tmp_path, nodes).plan("m", CHAT).targets] == ["ok"]
 
 
 def test_key_fallback_pins_and_capabilities(tmp_path: Path) -> None:
     a = _node("a", ModelInfo("qwen/q:2", loaded=True), ModelInfo("emb", type="embedding", loaded=True))
     b = _node("b", ModelInfo("qwen/q", loaded=True))
     router = _router(tmp_path, [a, b])
-    assert [t.node.id for t in router.resolve("qwen/q@q4_k_m", "chat")] == ["a", "b"]
-    assert [(t.node.id, t.upstream_model) for t in router.resolve("qwen/q@a", "chat")] == [("a", "qwen/q:2")]
+    assert [t.node.id for t in router.plan("qwen/q@q4_k_m", CHAT).targets] == ["a", "b"]
+    assert [(t.node.id, t.upstream_model) for t in router.plan("qwen/q@a", CHAT).targets] == [("a", "qwen/q:2")]
     with pytest.raises(vampire.HTTPError) as info:
-        router.resolve("emb", "chat")
+        router.plan("emb", CHAT)
     assert info.value.status == 400 and info.value.code == "unsupported_capability"
     with pytest.raises(vampire.HTTPError) as info:
-        router.resolve("nope", "chat")
+        router.plan("nope", CHAT)
     assert info.value.status == 404 and "vampire:auto, emb, qwen/q, qwen/q:2" in info.value.message
 
 
 def test_auto_chooses_only_loaded_chat_models(tmp_path: Path) -> None:
     a = _node("a", ModelInfo("cold", loaded=False), ModelInfo("emb", type="embedding", loaded=True))
     b = _node("b", ModelInfo("hot", loaded=True))
-    assert [t.upstream_model for t in _router(tmp_path, [a, b]).resolve("vampire:auto", "chat")] == ["hot"]
+    assert [t.upstream_model for t in _router(tmp_path, [a, b]).plan("vampire:auto", CHAT).targets] == ["hot"]
 
 
 def test_store_file_is_private(tmp_path: Path) -> None:
@@ -175,3 +181,60 @@ def test_store_file_is_private(tmp_path: Path) -> None:
     assert (tmp_path / "d" / "vampire.db").stat().st_mode & 0o777 == 0o600
     assert (tmp_path / "d").stat().st_mode & 0o777 == 0o700
     store.close()
+
+
+def test_cold_load_prefers_a_node_where_it_evicts_nothing(tmp_path: Path) -> None:
+    busy_gpu = _node("busy", ModelInfo("other", loaded=True), ModelInfo("m", loaded=False), latency=1)
+    idle_gpu = _node("idle", ModelInfo("m", loaded=False), latency=9)
+    assert [t.node.id for t in _router(tmp_path, [busy_gpu, idle_gpu]).plan("m", CHAT).targets] == ["idle", "busy"]
+
+
+@pytest.mark.parametrize(("strategy", "order"), [
+    ("least_busy", ["b", "a"]), ("least_latency", ["a", "b"]), ("auto", ["b", "a"]),
+])
+def test_strategy_orderings(tmp_path: Path, strategy: str, order: list[str]) -> None:
+    a = _node("a", ModelInfo("m", loaded=True), in_flight=3, latency=1)
+    a.busy["m"] = 3
+    b = _node("b", ModelInfo("m", loaded=True), latency=20)
+    assert [t.node.id for t in _router(tmp_path, [a, b]).plan("m", CHAT, strategy).targets] == order
+
+
+def test_round_robin_rotates(tmp_path: Path) -> None:
+    router = _router(tmp_path, [_node(n, ModelInfo("m", loaded=True)) for n in "abc"])
+    firsts = [router.plan("m", CHAT, "round_robin").targets[0].node.id for _ in range(6)]
+    assert firsts == ["a", "b", "c", "a", "b", "c"]
+
+
+def test_needs_detect_images_tools_and_length() -> None:
+    body = {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:x"}}]}],
+            "tools": [{"type": "function"}]}
+    raw = b'{"messages": [{"content": [{"type": "image_url"}]}]}' + b" " * 400
+    needs = vampire.needs_of("chat", body, raw)
+    assert (needs.vision, needs.tools, needs.prompt_tokens) == (True, True, len(raw) // 4)
+    plain = vampire.needs_of("chat", {"messages": [{"role": "user", "content": "an image of text"}]}, b"image")
+    assert plain.vision is False
+
+
+def test_circuit_opens_half_opens_and_closes() -> None:
+    c = vampire.Circuit()
+    for _ in range(vampire.Circuit.THRESHOLD):
+        assert c.allows(0.0)
+        c.failure(0.0)
+    assert c.state == "open" and not c.allows(0.5)
+    assert c.allows(1.0) and c.state == "half_open"
+    c.begin()
+    assert not c.allows(1.0)  # one trial at a time
+    c.failure(1.0)
+    assert c.state == "open" and c.open_until == 3.0  # the cool-down doubles
+    assert c.allows(3.0)
+    c.begin()
+    c.success()
+    assert c.state == "closed" and c.allows(3.0)
+
+
+def test_conversation_key_ignores_later_turns() -> None:
+    first = [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}]
+    later = [*first, {"role": "assistant", "content": "a"}, {"role": "user", "content": "u2"}]
+    assert vampire.conversation_key("m", {"messages": first}) == vampire.conversation_key("m", {"messages": later})
+    assert vampire.conversation_key("m", {"messages": first}) != vampire.conversation_key("n", {"messages": first})
+    assert vampire.conversation_key("m", {"input": "x"}) is None
