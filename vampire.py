@@ -371,6 +371,8 @@ class Node:
     models: list[ModelInfo] = field(default_factory=list)
     in_flight: int = 0
     busy: dict[str, int] = field(default_factory=dict)  # in flight per model id
+    warming: set[str] = field(default_factory=set)  # models a request of ours is loading right now
+    served: dict[str, float] = field(default_factory=dict)  # model id -> monotonic time it last answered
     circuit: Circuit = field(default_factory=lambda: Circuit())
     latency_ms: float | None = None
     last_seen: float | None = None
@@ -668,6 +670,7 @@ class Registry:
         self.http: aiohttp.ClientSession | None = None
         self._wake = asyncio.Event()
         self._probing: dict[str, asyncio.Task[None]] = {}
+        self._probe_again: set[str] = set()
         self.version = 0  # bumps on any inventory or state change; the router rebuilds its index on it
 
     def load(self) -> None:
@@ -755,7 +758,11 @@ class Registry:
 
     async def probe(self, node: Node) -> None:
         assert self.http is not None
+        started = time.monotonic()
         result = await interrogate(self.http, node.url, node.token, self.settings.probe_timeout_s)
+        # A model that answered after this probe began is loaded, whatever the (older) inventory says.
+        for model in result.models:
+            model.loaded = model.loaded or node.served.get(model.id, 0.0) > started
         self.apply(node, result)
 
     def apply(self, node: Node, result: Interrogation) -> None:
@@ -786,6 +793,13 @@ class Registry:
         misses = max(node.failures, node.auth_failures)
         return min(self.MAX_BACKOFF_S, self.settings.refresh_s * (2 ** max(0, misses - 1)))
 
+    def mark_served(self, node: Node, model_id: str) -> None:
+        """The node just answered with this model, so it holds it now (the next probe confirms)."""
+        node.served[model_id] = time.monotonic()
+        for model in node.models:  # the current inventory, which a probe may have replaced meanwhile
+            if model.id == model_id:
+                model.loaded = True
+
     def report_failure(self, node: Node, reason: str, auth: bool = False) -> None:
         """The data plane saw a node fail: re-probe it now instead of waiting for the next period."""
         node.last_error = reason
@@ -794,11 +808,20 @@ class Registry:
         self.report_change(node)
 
     def report_change(self, node: Node) -> None:
-        """Something the data plane did changed the node (a JIT load, a failure): re-read it now."""
-        if node.id not in self._probing:
-            task = asyncio.get_running_loop().create_task(self.probe(node))
-            self._probing[node.id] = task
-            task.add_done_callback(lambda _t, nid=node.id: self._probing.pop(nid, None))
+        """Something the data plane did changed the node (a JIT load, a failure): re-read it now, or
+        right after the probe already running, which may have read the node before the change."""
+        if node.id in self._probing:
+            self._probe_again.add(node.id)
+            return
+        task = asyncio.get_running_loop().create_task(self.probe(node))
+        self._probing[node.id] = task
+        task.add_done_callback(lambda _t: self._probe_done(node))
+
+    def _probe_done(self, node: Node) -> None:
+        self._probing.pop(node.id, None)
+        if node.id in self._probe_again:
+            self._probe_again.discard(node.id)
+            self.report_change(node)
 
     async def refresh_forever(self) -> None:
         while True:
@@ -894,6 +917,9 @@ async def discover(
 
 AUTO_MODEL = "vampire:auto"
 STRATEGIES = ("auto", "round_robin", "least_busy", "least_latency", "model_affinity", "trusted_only")
+# Strategies that wait for a slot where the model is hot rather than trigger a JIT load elsewhere: a load
+# costs seconds to a minute and, with LM Studio's auto-evict, throws out the model that node was serving.
+HOT_FIRST = frozenset({"auto", "model_affinity", "trusted_only"})
 IMAGE_PART_TYPES = frozenset({"image_url", "image", "input_image"})
 OWNER_SOURCES = frozenset({"config", "local", "demo"})
 
@@ -1022,6 +1048,11 @@ class Target:
     @property
     def busy(self) -> int:
         return self.node.busy.get(self.model.id, 0)
+
+    @property
+    def warm(self) -> bool:
+        """Loaded, or being loaded by one of our requests (a probe mid-load would still say not loaded)."""
+        return self.model.loaded or self.model.id in self.node.warming
 
 
 @dataclass
@@ -1210,12 +1241,12 @@ class Router:
             turn = self._turn[model] = self._turn.get(model, -1) + 1
             return ring[turn % len(ring):] + ring[:turn % len(ring)] if ring else ring
         if strategy == "least_busy":
-            return sorted(targets, key=lambda t: (t.busy / t.capacity, not t.model.loaded, t.node.latency_ms or 0.0))
+            return sorted(targets, key=lambda t: (t.busy / t.capacity, not t.warm, t.node.latency_ms or 0.0))
         if strategy == "least_latency":
-            return sorted(targets, key=lambda t: (t.node.latency_ms or 0.0, not t.model.loaded))
+            return sorted(targets, key=lambda t: (t.node.latency_ms or 0.0, not t.warm))
         if strategy == "model_affinity":
             last = self._affinity.get(model)
-            return sorted(targets, key=lambda t: (not t.model.loaded, t.node.id != last, *score(t)[1:]))
+            return sorted(targets, key=lambda t: (not t.warm, t.node.id != last, *score(t)[1:]))
         if strategy == "trusted_only":
             targets = [t for t in targets if t.node.source in OWNER_SOURCES]
         return sorted(targets, key=score)
@@ -1249,7 +1280,8 @@ class Router:
         return {
             "model": requested, "strategy": strategy or "auto", "error": error,
             "candidates": [
-                {"node": t.node.id, "model": t.model.id, "loaded": t.model.loaded, "busy": t.busy,
+                {"node": t.node.id, "model": t.model.id, "loaded": t.model.loaded, "warming": t.model.id in t.node.warming,
+                 "busy": t.busy,
                  "capacity": t.capacity, "latency_ms": t.node.latency_ms, "score": list(score(t)),
                  "circuit": t.node.circuit.state}
                 for t in candidates
@@ -1279,8 +1311,10 @@ def score(target: Target) -> tuple[int, int, float, float]:
     """`auto`: loaded first (a JIT load costs seconds to a minute); for a cold load, a node where it would
     evict nothing (LM Studio's auto-evict unloads the previous JIT model); then free slots; then latency."""
     node, model = target.node, target.model
-    evictions = 0 if model.loaded else sum(1 for m in node.models if m.loaded and m.type != "embedding")
-    return (0 if model.loaded else 1, evictions, target.busy / target.capacity, node.latency_ms or 0.0)
+    if target.warm:
+        return (0, 0, target.busy / target.capacity, node.latency_ms or 0.0)
+    resident = sum(1 for m in node.models if (m.loaded or m.id in node.warming) and m.type != "embedding")
+    return (1, resident, target.busy / target.capacity, node.latency_ms or 0.0)
 
 
 class Admission:
@@ -1600,7 +1634,8 @@ class Gateway:
         failure: UpstreamFailed | None = None
         admission = self.app.admission
         while remaining:
-            target = next((t for t in remaining if admission.has_room(t)), None)
+            hot = [t for t in remaining if t.warm] if plan.strategy in HOT_FIRST else []
+            target = next((t for t in hot or remaining if admission.has_room(t)), None)
             if target is None:
                 deadline = deadline or time.monotonic() + self.settings.queue_timeout_s
                 await admission.wait(deadline)
@@ -1623,15 +1658,17 @@ class Gateway:
         """One try on one node: hold its slot, keep its breaker and inventory honest."""
         node, admission = target.node, self.app.admission
         call.node, call.upstream_model = node, target.upstream_model
-        cold = not target.model.loaded
+        cold = not target.warm
         if cold:
-            target.model.loaded = True  # loading now: later requests for it queue here rather than load it elsewhere
+            node.warming.add(target.model.id)  # later requests for it queue here rather than load it elsewhere
         admission.acquire(target)
         node.circuit.begin()
         verdict = False
         try:
             status = await self.forward(call, target, send, last)
             verdict = True
+            if status < 400:
+                self.registry.mark_served(node, target.model.id)
             if (status >= 500 and status != 503) or call.error == MID_STREAM_FAILURE:
                 node.circuit.failure(time.monotonic())
             else:
@@ -1647,6 +1684,7 @@ class Gateway:
                 node.circuit.abandon()
             admission.release(target)
             if cold:
+                node.warming.discard(target.model.id)
                 self.registry.report_change(node)
 
     async def open_upstream(self, call: Call, target: Target) -> aiohttp.ClientResponse:

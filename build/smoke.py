@@ -125,8 +125,8 @@ class Gateway:
                 os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(10)
 
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")
+    def output(self, lines: int = 20) -> str:
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
 
 
 def sigterm_process(gw: Gateway) -> Callable[[], None]:
@@ -231,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
                     continue
                 finally:
                     gw.kill()
-                clean = code == 0 and "Traceback" not in gw.output()
+                clean = code == 0 and "Traceback" not in gw.output(lines=10_000)
                 print(f"{label}: exit {code} in {took:.2f} s{'' if clean else ' (NOT CLEAN)'}")
                 figures[label] = {"exit": code, "seconds": round(took, 2)}
                 if not clean:

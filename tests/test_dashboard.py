@@ -51,7 +51,7 @@ def _chromium_or_reason() -> str | None:
     return None if CHROMIUM.exists() else f"apt-get could not install chromium; {CHROMIUM} is still missing"
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def browser() -> Iterator[Any]:
     reason = _chromium_or_reason()
     if reason:
@@ -67,6 +67,7 @@ class Dashboard:
 
     def __init__(self, page: Any, gw: Any, a: Any, b: Any) -> None:
         self.page, self.gw, self.a, self.b = page, gw, a, b
+        self.expected_refusals: set[int] = set()  # statuses a test provokes on purpose (401 before the token)
         self.console_errors: list[str] = []
         self.requests: list[str] = []
         page.on("console", self._on_console)
@@ -77,12 +78,18 @@ class Dashboard:
         if msg.type != "error":
             return
         where = urlsplit(msg.location.get("url") or "")
-        expected_404 = (
-            msg.text.startswith("Failed to load resource: the server responded with a status of 404")
-            and f"{where.scheme}://{where.netloc}" == self.gw.url and where.path in OPTIONAL_PATHS
+        ours = f"{where.scheme}://{where.netloc}" == self.gw.url
+        expected = ours and (
+            (self._network_log(msg.text, 404) and where.path in OPTIONAL_PATHS)
+            or any(self._network_log(msg.text, s) and where.path.startswith("/vampire/v1/")
+                   for s in self.expected_refusals)
         )
-        if not expected_404:
+        if not expected:
             self.console_errors.append(f"console: {msg.text} at {msg.location}")
+
+    @staticmethod
+    def _network_log(text: str, status: int) -> bool:
+        return text.startswith(f"Failed to load resource: the server responded with a status of {status}")
 
     def open(self) -> Dashboard:
         self.page.goto(self.gw.url + "/")
@@ -104,6 +111,13 @@ class Dashboard:
         assert self.console_errors == []
         foreign = [u for u in self.requests if not u.startswith(self.gw.url + "/")]
         assert foreign == [], f"requests outside the gateway: {foreign}"
+
+
+def save_screenshot(page: Any, name: str) -> None:
+    # The header is sticky: from a scrolled position it would be drawn halfway down a full-page capture.
+    page.evaluate("window.scrollTo(0, 0)")
+    OUT_DIR.mkdir(exist_ok=True)
+    page.screenshot(path=str(OUT_DIR / name), full_page=True)
 
 
 @pytest.fixture
@@ -189,8 +203,7 @@ def test_playground_streams_text_while_the_node_is_still_generating(dash: Dashbo
     expect(page.get_by_test_id("playground-error")).to_be_hidden()
     expect(page.get_by_test_id("traffic-row").first).to_contain_text("qwen/qwen3-4b")
 
-    OUT_DIR.mkdir(exist_ok=True)
-    page.screenshot(path=str(OUT_DIR / "dashboard.png"), full_page=True)
+    save_screenshot(page, "dashboard.png")
     dash.assert_clean()
 
 
@@ -226,10 +239,19 @@ def test_discovery_finds_and_approves_a_node(dash: Dashboard, node_factory: Any)
     ports = ", ".join(str(urlsplit(n.url).port) for n in (dash.a, dash.b, extra))
     page.get_by_test_id("discover-subnets").fill("127.0.0.1/32")
     page.get_by_test_id("discover-ports").fill(ports)
+    # A scan of one address is over in milliseconds, too fast to catch by polling; an observer sees the
+    # indicator the moment it is shown.
+    page.evaluate("""() => {
+        const el = document.querySelector('[data-testid="discover-progress"]');
+        window.progressSeen = false;
+        new MutationObserver(() => { if (!el.hidden) window.progressSeen = true; })
+            .observe(el, {attributes: true, attributeFilter: ["hidden"]});
+    }""")
     page.get_by_test_id("discover-btn").click()
     found = page.locator(f'[data-testid="discover-row"][data-url="{extra.url}"]')
     expect(page.get_by_test_id("discover-row")).to_have_count(3)
     expect(page.get_by_test_id("discover-progress")).to_be_hidden()
+    assert page.evaluate("window.progressSeen") is True
     expect(page.locator(f'[data-testid="discover-row"][data-url="{dash.a.url}"]').get_by_test_id("discover-approved")).to_be_visible()
     found.get_by_test_id("approve-btn").click()
     expect(found.get_by_test_id("discover-approved")).to_be_visible()
@@ -272,6 +294,144 @@ def test_optional_panels_follow_the_gateway(dash: Dashboard) -> None:
     dash.assert_clean()
 
 
+class DesignStubs:
+    """The keys, usage, cache and share endpoints exactly as DESIGN §3.4 describes them, mounted in front of
+    the gateway's own routes: the page is held to the documented contract whether or not the gateway has
+    grown the real endpoints yet (the tests above check the page against the real ones)."""
+
+    def __init__(self) -> None:
+        self.keys: list[dict[str, Any]] = [
+            {"id": "k1", "name": "<b>kitchen</b> tablet", "realm": "family", "created_at": 1_760_000_000},
+        ]
+        self.share = "lan"
+        self.cache = {"entries": 12, "bytes": 48_128, "hits": 30, "misses": 10, "coalesced": 4, "upstream_calls_saved": 34}
+
+    def install(self, app: Any) -> None:
+        from starlette.responses import JSONResponse
+        from starlette.routing import Route
+
+        async def keys(request: Any) -> Any:
+            if request.method == "POST":
+                body = await request.json()
+                record = {"id": f"k{len(self.keys) + 1}", "name": body["name"], "realm": body.get("realm", "personal"),
+                          "created_at": 1_760_000_100}
+                self.keys.append(record)
+                return JSONResponse({**record, "key": "vk-test-secret-shown-once"}, status_code=201)
+            return JSONResponse({"object": "list", "data": self.keys})
+
+        async def key(request: Any) -> Any:
+            self.keys = [k for k in self.keys if k["id"] != request.path_params["key_id"]]
+            return JSONResponse({"id": request.path_params["key_id"], "deleted": True})
+
+        async def usage(request: Any) -> Any:
+            groups = {
+                "day": [("2025-11-23", 4, 300, 900), ("2025-11-24", 9, 800, 2100)],
+                "key": [("kitchen", 10, 900, 2500), ("laptop", 3, 200, 500)],
+                "model": [("qwen/qwen3-4b", 11, 1000, 2800), ("google/gemma-3-4b", 2, 100, 200)],
+            }[request.query_params.get("group_by", "day")]
+            rows = [{"group": g, "requests": r, "prompt_tokens": p, "completion_tokens": c} for g, r, p, c in groups]
+            totals = {k: sum(row[k] for row in rows) for k in ("requests", "prompt_tokens", "completion_tokens")}
+            return JSONResponse({"data": rows, "totals": totals})
+
+        async def cache(request: Any) -> Any:
+            if request.method == "DELETE":
+                self.cache.update(entries=0, bytes=0)
+            return JSONResponse(self.cache)
+
+        async def share(request: Any) -> Any:
+            if request.method == "PUT":
+                self.share = (await request.json())["mode"]
+            return JSONResponse({"mode": self.share})
+
+        p = "/vampire/v1"
+        app.starlette.router.routes[:0] = [
+            Route(f"{p}/keys", keys, methods=["GET", "POST"]), Route(f"{p}/keys/{{key_id}}", key, methods=["DELETE"]),
+            Route(f"{p}/usage", usage), Route(f"{p}/cache", cache, methods=["GET", "DELETE"]),
+            Route(f"{p}/share", share, methods=["GET", "PUT"]),
+        ]
+
+
+def test_keys_usage_cache_and_share_panels_against_the_documented_shapes(dash: Dashboard) -> None:
+    stubs = DesignStubs()
+    stubs.install(dash.gw.app)
+    dash.open()
+    page = dash.page
+
+    keys = page.get_by_test_id("keys-panel")
+    expect(keys).to_be_visible()
+    expect(keys.get_by_test_id("key-row")).to_have_count(1)
+    expect(keys.get_by_test_id("key-row").first).to_contain_text("<b>kitchen</b> tablet")
+    page.get_by_test_id("key-name").fill("laptop")
+    page.get_by_test_id("key-create-btn").click()
+    expect(page.get_by_test_id("new-key")).to_have_text("vk-test-secret-shown-once")
+    expect(keys.get_by_test_id("key-row")).to_have_count(2)
+    row = keys.locator('[data-testid="key-row"][data-key-id="k1"]')
+    row.get_by_test_id("key-revoke-btn").click()
+    row.get_by_test_id("key-revoke-confirm-btn").click()
+    expect(row).to_have_count(0)
+    assert [k["id"] for k in stubs.keys] == ["k2"]
+
+    usage = page.get_by_test_id("usage-panel")
+    expect(usage.get_by_test_id("usage-bar")).to_have_count(2)
+    expect(usage.locator('[data-testid="usage-bar"][data-group="2025-11-24"]')).to_contain_text("9 req")
+    usage.get_by_role("button", name="Model").click()
+    expect(usage.locator('[data-testid="usage-bar"][data-group="qwen/qwen3-4b"]')).to_contain_text("11 req")
+
+    stats = page.get_by_test_id("cache-stats")
+    expect(stats).to_contain_text("75 %")
+    page.get_by_test_id("cache-clear-btn").click()
+    expect(stats).to_contain_text("0 B")
+
+    switch = page.get_by_test_id("stop-sharing")
+    expect(switch).to_have_attribute("data-mode", "lan")
+    switch.click()
+    expect(switch).to_have_attribute("aria-checked", "false")
+    assert stubs.share == "off"
+    switch.click()
+    expect(switch).to_have_attribute("aria-checked", "true")
+    assert stubs.share == "lan", "resuming restores the mode that was in force before the stop"
+
+    save_screenshot(page, "dashboard-all-panels.png")
+    dash.assert_clean()
+
+
+def test_admin_token_prompt_and_bearer_on_every_call(browser: Any, node_factory: Any, gateway_factory: Any,
+                                                     monkeypatch: Any) -> None:
+    import vampire
+
+    monkeypatch.setattr(vampire, "DASHBOARD_HTML", HTML_PATH.read_text(encoding="utf-8"))
+    a, b = node_factory(MODELS_A), node_factory(MODELS_B)
+    gw = gateway_factory([a.url, b.url], admin_token="owner-token-123")
+    context = browser.new_context()
+    try:
+        page = context.new_page()
+        page.set_default_timeout(UI_TIMEOUT_MS)
+        dash = Dashboard(page, gw, a, b)
+        dash.expected_refusals.add(401)
+        sent: list[tuple[str, str | None]] = []
+        page.on("request", lambda req: sent.append((urlsplit(req.url).path, req.headers.get("authorization"))))
+        # The gateway still guards `/` itself; lend the token to that one navigation so the page's own
+        # prompt is what the test exercises.
+        page.route(gw.url + "/", lambda route: route.continue_(
+            headers={**route.request.headers, "authorization": "Bearer owner-token-123"}))
+        page.goto(gw.url + "/")
+        prompt = page.get_by_test_id("token-prompt")
+        expect(prompt).to_be_visible()
+        sent.clear()
+        page.locator("#token-input").fill("owner-token-123")
+        page.locator("#token-input").press("Enter")
+        expect(prompt).to_be_hidden()
+        expect(page.get_by_test_id("node-row")).to_have_count(2)
+        expect(page.get_by_test_id("live-indicator")).to_have_attribute("data-live", "1")
+        control = [(path, auth) for path, auth in sent if path.startswith("/vampire/v1/")]
+        assert any(path == "/vampire/v1/events" for path, _ in control), "events are read through fetch"
+        assert control and all(auth == "Bearer owner-token-123" for _, auth in control)
+        assert page.evaluate("sessionStorage.getItem('vampire.adminToken')") == "owner-token-123"
+        dash.assert_clean()
+    finally:
+        context.close()
+
+
 def test_stop_sharing_switch(dash: Dashboard) -> None:
     if httpx.get(dash.gw.url + "/vampire/v1/share", timeout=5).status_code == 404:
         pytest.skip("/vampire/v1/share is not implemented in this gateway yet (the switch stays hidden)")
@@ -301,8 +461,7 @@ def test_phone_layout_in_dark_mode(dash: Dashboard, browser: Any) -> None:
         assert phone.page.evaluate("document.documentElement.scrollWidth") <= 390
         drain = phone.node_row(dash.a).get_by_test_id("drain-btn").bounding_box()
         assert drain is not None and drain["height"] >= 44
-        OUT_DIR.mkdir(exist_ok=True)
-        phone.page.screenshot(path=str(OUT_DIR / "dashboard-phone-dark.png"), full_page=True)
+        save_screenshot(phone.page, "dashboard-phone-dark.png")
         phone.assert_clean()
     finally:
         context.close()
