@@ -134,8 +134,8 @@ class ServicePlan:
     `optional` holds indexes into `commands` whose failure is expected and harmless (unloading a
     service that is not loaded). `retry_s` is how long a failing required command is retried: launchd
     finishes a `bootout` asynchronously, so the `bootstrap` right after it can fail for a moment.
-    `fallback` runs instead when a required command fails (Windows: an HKCU Run entry when Task
-    Scheduler refuses the task). `cleanup` runs after `remove`, its failures ignored.
+    `fallback` runs instead when the first command fails (Windows: when Task Scheduler refuses the
+    task, an HKCU Run entry and `vampire up`). `cleanup` runs after `remove`, its failures ignored.
     """
 
     files: dict[Path, str]
@@ -501,6 +501,7 @@ def run_service(
         _write_atomic(path, content)
         out(f"wrote {path}")
     failed: subprocess.CompletedProcess[str] | None = None
+    failed_at = -1
     for i, cmd in enumerate(plan.commands):
         out(f"$ {_show(cmd, system)}")
         result = _run(cmd) if i in plan.optional else _run_required(cmd, plan.retry_s)
@@ -511,14 +512,17 @@ def run_service(
         if i in plan.optional:
             out(f"  (ignored: exit {result.returncode})")
             continue
-        failed = result
+        failed, failed_at = result, i
         break
-    if failed is not None and plan.fallback:
+    fell_back = failed is not None and failed_at == 0 and bool(plan.fallback)
+    if fell_back and failed is not None:
         out(f"{_failure_text(failed, system)}; falling back")
         failed = None
         for cmd in plan.fallback:
             out(f"$ {_show(cmd, system)}")
             result = _run(cmd)
+            if result.stdout.strip():
+                out(result.stdout.rstrip())
             if result.returncode != 0:
                 failed = result
                 break
@@ -535,8 +539,11 @@ def run_service(
         else:
             out(f"error: {_failure_text(failed, system)}")
         return 1
-    for note in plan.notes:
-        out(note)
+    if fell_back:
+        out("Vampire starts from the HKCU Run entry at your next logon instead of a scheduled task.")
+    else:
+        for note in plan.notes:
+            out(note)
     done = {"install": "installed and started", "uninstall": "removed", "start": "started", "stop": "stopped"}
     if action in done:
         out(f"Vampire service {done[action]}.")
@@ -722,10 +729,13 @@ def start_background(
     log = data_dir / LOGFILE_NAME
     base = _base_url(health_url)
     recorded = _read_pidfile(pidfile)
+    if recorded and not _is_ours(*recorded):
+        pidfile.unlink(missing_ok=True)
+        recorded = None
     if _healthy(health_url):
-        who = f" (pid {recorded[0]})" if recorded and _is_ours(*recorded) else ""
+        who = f" (pid {recorded[0]})" if recorded else ""
         return 0, f"Vampire is already running at {base}{who}"
-    if recorded and _is_ours(*recorded):
+    if recorded:
         return (
             0,
             f"Vampire is already running as pid {recorded[0]} but {health_url} does not answer yet; see {log}",

@@ -237,6 +237,17 @@ class Store:
     );
     CREATE TABLE IF NOT EXISTS settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);
     CREATE TABLE IF NOT EXISTS routes (id TEXT PRIMARY KEY, body TEXT NOT NULL);
+    CREATE TABLE IF NOT EXISTS realms (name TEXT PRIMARY KEY, body TEXT NOT NULL);
+    CREATE TABLE IF NOT EXISTS keys (id TEXT PRIMARY KEY, body TEXT NOT NULL);
+    CREATE TABLE IF NOT EXISTS usage (
+        time REAL NOT NULL, request_id TEXT, key_id TEXT, realm TEXT, model TEXT, node TEXT,
+        prompt_tokens INTEGER NOT NULL, completion_tokens INTEGER NOT NULL, latency_ms REAL, status INTEGER,
+        surface TEXT
+    );
+    CREATE INDEX IF NOT EXISTS usage_time ON usage (time);
+    CREATE TABLE IF NOT EXISTS audit (
+        time REAL NOT NULL, actor TEXT, action TEXT NOT NULL, source TEXT, details TEXT NOT NULL
+    );
     """
 
     def __init__(self, path: Path) -> None:
@@ -280,6 +291,47 @@ class Store:
 
     def delete_route(self, route_id: str) -> None:
         self.db.execute("DELETE FROM routes WHERE id = ?", (route_id,))
+
+    def _bodies(self, table: str) -> list[dict[str, Any]]:
+        return [json.loads(row[0]) for row in self.db.execute(f"SELECT body FROM {table}")]
+
+    def realm_rows(self) -> list[dict[str, Any]]:
+        return self._bodies("realms")
+
+    def save_realm(self, realm: dict[str, Any]) -> None:
+        self.db.execute("INSERT OR REPLACE INTO realms (name, body) VALUES (?, ?)", (realm["name"], json.dumps(realm)))
+
+    def key_rows(self) -> list[dict[str, Any]]:
+        return self._bodies("keys")
+
+    def save_key(self, key: dict[str, Any]) -> None:
+        self.db.execute("INSERT OR REPLACE INTO keys (id, body) VALUES (?, ?)", (key["id"], json.dumps(key)))
+
+    def delete_key(self, key_id: str) -> None:
+        self.db.execute("DELETE FROM keys WHERE id = ?", (key_id,))
+
+    def add_usage(self, rows: list[tuple[Any, ...]]) -> None:
+        with self.db:
+            self.db.executemany("INSERT INTO usage VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+
+    USAGE_GROUPS = {"key": "COALESCE(key_id, '-')", "model": "model", "node": "COALESCE(node, '-')",
+                    "realm": "realm", "day": "date(time, 'unixepoch')"}
+
+    def usage(self, group_by: str, since: float) -> list[dict[str, Any]]:
+        column = self.USAGE_GROUPS[group_by]
+        rows = self.db.execute(
+            f"SELECT {column} AS grp, COUNT(*), SUM(prompt_tokens), SUM(completion_tokens) FROM usage"
+            " WHERE time >= ? GROUP BY grp ORDER BY grp", (since,),
+        ).fetchall()
+        return [{"group": r[0], "requests": r[1], "prompt_tokens": r[2], "completion_tokens": r[3]} for r in rows]
+
+    def add_audit(self, rows: list[tuple[Any, ...]]) -> None:
+        with self.db:
+            self.db.executemany("INSERT INTO audit VALUES (?, ?, ?, ?, ?)", rows)
+
+    def audit(self, limit: int = 200) -> list[dict[str, Any]]:
+        rows = self.db.execute("SELECT * FROM audit ORDER BY time DESC LIMIT ?", (limit,)).fetchall()
+        return [dict(row) | {"details": json.loads(row["details"])} for row in rows]
 
     def get_setting(self, key: str) -> str | None:
         row = self.db.execute("SELECT value FROM settings WHERE key = ?", (key,)).fetchone()
@@ -1310,7 +1362,7 @@ class Router:
 def score(target: Target) -> tuple[int, int, float, float]:
     """`auto`: loaded first (a JIT load costs seconds to a minute); for a cold load, a node where it would
     evict nothing (LM Studio's auto-evict unloads the previous JIT model); then free slots; then latency."""
-    node, model = target.node, target.model
+    node = target.node
     if target.warm:
         return (0, 0, target.busy / target.capacity, node.latency_ms or 0.0)
     resident = sum(1 for m in node.models if (m.loaded or m.id in node.warming) and m.type != "embedding")
@@ -1359,6 +1411,340 @@ class Admission:
                 waiter.cancel()
             with contextlib.suppress(ValueError):
                 self.waiters.remove(waiter)
+
+
+# ── policy: who may call (keys, share mode, trusted networks), what they may use, and how much ──────────
+
+
+KEY_PREFIX = "vk-"
+DEFAULT_REALM = "personal"
+
+
+@dataclass
+class Realm:
+    """A group of keys with its own node set, model allowlist, quotas and cache scope."""
+
+    name: str
+    nodes: list[str] = field(default_factory=list)  # empty: every node
+    models: list[str] = field(default_factory=list)  # empty: every model
+    rpm: int | None = None
+    tpm: int | None = None
+    max_concurrent: int | None = None
+
+    def public(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class Key:
+    """A client credential. Only a salted hash of its secret is kept; the secret is shown once."""
+
+    id: str
+    name: str
+    realm: str
+    salt: str
+    digest: str
+    models: list[str] = field(default_factory=list)
+    rpm: int | None = None
+    tpm: int | None = None
+    max_concurrent: int | None = None
+    expires_at: float | None = None
+    created_at: float = field(default_factory=time.time)
+
+    @staticmethod
+    def hash(salt: str, secret: str) -> str:
+        return hashlib.sha256(f"{salt}:{secret}".encode()).hexdigest()
+
+    def matches(self, secret: str) -> bool:
+        return hmac.compare_digest(self.digest, self.hash(self.salt, secret))
+
+    def public(self) -> dict[str, Any]:
+        fields = ("id", "name", "realm", "models", "rpm", "tpm", "max_concurrent", "expires_at", "created_at")
+        return {k: getattr(self, k) for k in fields} | {"prefix": f"{KEY_PREFIX}{self.id}_…"}
+
+
+def new_key(name: str, realm: str, **limits: Any) -> tuple[Key, str]:
+    key_id, secret, salt = secrets.token_hex(4), secrets.token_urlsafe(24), secrets.token_hex(8)
+    key = Key(id=key_id, name=name, realm=realm, salt=salt, digest=Key.hash(salt, secret), **limits)
+    return key, f"{KEY_PREFIX}{key_id}_{secret}"
+
+
+@dataclass
+class Principal:
+    """Who a data-plane request is from: a key, or a key-less caller the share mode lets in."""
+
+    realm: Realm
+    key: Key | None = None
+    address: str | None = None
+
+    @property
+    def key_id(self) -> str | None:
+        return self.key.id if self.key else None
+
+
+class SlidingWindow:
+    """Amounts spent in the last `span` seconds, answering when the oldest leaves the window."""
+
+    def __init__(self, span: float = 60.0) -> None:
+        self.span = span
+        self.entries: deque[tuple[float, int]] = deque()
+        self.total = 0
+
+    def _expire(self, now: float) -> None:
+        while self.entries and self.entries[0][0] <= now - self.span:
+            self.total -= self.entries.popleft()[1]
+
+    def spent(self, now: float) -> int:
+        self._expire(now)
+        return self.total
+
+    def add(self, now: float, amount: int = 1) -> None:
+        if amount:
+            self.entries.append((now, amount))
+            self.total += amount
+
+    def retry_after(self, now: float) -> int:
+        return max(1, math.ceil(self.entries[0][0] + self.span - now)) if self.entries else 1
+
+
+class Quota:
+    """One holder's limits (a key or a realm): requests/min, tokens/min, concurrent requests."""
+
+    def __init__(self, rpm: int | None, tpm: int | None, max_concurrent: int | None) -> None:
+        self.rpm, self.tpm, self.max_concurrent = rpm, tpm, max_concurrent
+        self.requests, self.tokens = SlidingWindow(), SlidingWindow()
+        self.active = 0
+
+    def refusal(self, now: float) -> tuple[str, int] | None:
+        if self.max_concurrent is not None and self.active >= self.max_concurrent:
+            return "too many concurrent requests", 1
+        if self.rpm is not None and self.requests.spent(now) >= self.rpm:
+            return f"more than {self.rpm} requests per minute", self.requests.retry_after(now)
+        if self.tpm is not None and self.tokens.spent(now) >= self.tpm:
+            return f"more than {self.tpm} tokens per minute", self.tokens.retry_after(now)
+        return None
+
+
+class Policy:
+    """Decides who may call, which realm they act in, and whether their quotas allow one more request."""
+
+    def __init__(self, settings: Settings, store: Store, clock: Callable[[], float] = time.monotonic) -> None:
+        self.settings = settings
+        self.store = store
+        self.clock = clock
+        self.share = store.get_setting("share") or settings.share
+        self.realms: dict[str, Realm] = {r["name"]: Realm(**r) for r in store.realm_rows()}
+        self.realms.setdefault(DEFAULT_REALM, Realm(DEFAULT_REALM))
+        self.keys: dict[str, Key] = {k["id"]: Key(**k) for k in store.key_rows()}
+        self.networks = [ipaddress.ip_network(c, strict=False) for c in settings.trusted_networks]
+        self._quotas: dict[str, Quota] = {}
+
+    # -- share mode ------------------------------------------------------------------------------------
+
+    def set_share(self, mode: str) -> None:
+        if mode not in SHARE_MODES:
+            raise HTTPError(400, f"`mode` must be one of {', '.join(SHARE_MODES)}.", "invalid_request", param="mode")
+        self.share = mode
+        self.store.set_setting("share", mode)
+
+    def trusted_address(self, address: str | None) -> bool:
+        try:
+            ip = ipaddress.ip_address(address or "")
+        except ValueError:
+            return False
+        return any(ip in net for net in self.networks)
+
+    def keyless_allowed(self, address: str | None) -> bool:
+        if self.share == "local":
+            return is_loopback(address)
+        if self.share == "lan":
+            return is_loopback(address) or self.trusted_address(address)
+        return False
+
+    # -- keys ------------------------------------------------------------------------------------------
+
+    def create_key(self, name: str, realm: str, **limits: Any) -> tuple[Key, str]:
+        if realm not in self.realms:
+            raise HTTPError(400, f"No realm `{realm}`; create it first.", "realm_not_found", param="realm")
+        key, secret = new_key(name, realm, **limits)
+        self.keys[key.id] = key
+        self.store.save_key(dataclasses.asdict(key))
+        return key, secret
+
+    def revoke_key(self, key_id: str) -> bool:
+        self.store.delete_key(key_id)
+        self._quotas.pop(f"key:{key_id}", None)
+        return self.keys.pop(key_id, None) is not None
+
+    def key_for(self, secret: str) -> Key | None:
+        body = secret[len(KEY_PREFIX):]
+        key_id, sep, _ = body.partition("_")
+        key = self.keys.get(key_id) if sep else None
+        if key is None or not key.matches(secret):
+            return None
+        if key.expires_at is not None and key.expires_at <= time.time():
+            return None
+        return key
+
+    def save_realm(self, realm: Realm) -> None:
+        self.realms[realm.name] = realm
+        self._quotas.pop(f"realm:{realm.name}", None)
+        self.store.save_realm(realm.public())
+
+    # -- per request -----------------------------------------------------------------------------------
+
+    def identify(self, credential: str | None, address: str | None) -> Principal:
+        """Who is calling, or HTTPError 401/503: a valid key works in every share mode but `off`."""
+        if self.share == "off":
+            raise unavailable("The owner has stopped sharing for now.", "sharing_off", retry_after=60)
+        if credential and credential.startswith(KEY_PREFIX):
+            key = self.key_for(credential)
+            if key is None:
+                raise HTTPError(401, "The Vampire key is not valid (revoked, expired or mistyped).", "invalid_api_key")
+            return Principal(self.realms.get(key.realm) or self.realms[DEFAULT_REALM], key, address)
+        if self.keyless_allowed(address):
+            return Principal(self.realms[DEFAULT_REALM], None, address)
+        raise HTTPError(401, "A Vampire key (vk-…) is required: send it as `Authorization: Bearer <key>`.",
+                        "invalid_api_key")
+
+    def check_model(self, principal: Principal, model: str) -> None:
+        for allowed, holder in ((principal.key.models if principal.key else [], "key"), (principal.realm.models, "realm")):
+            if allowed and model not in allowed and model_key(model.rpartition("@")[0] or model) not in allowed:
+                raise HTTPError(403, f"This {holder} may not use the model `{model}`.", "model_not_allowed", param="model")
+
+    def quotas(self, principal: Principal) -> list[Quota]:
+        realm = principal.realm
+        held = [self._quota(f"realm:{realm.name}", realm.rpm, realm.tpm, realm.max_concurrent)]
+        if principal.key:
+            key = principal.key
+            held.append(self._quota(f"key:{key.id}", key.rpm, key.tpm, key.max_concurrent))
+        return held
+
+    def _quota(self, name: str, rpm: int | None, tpm: int | None, concurrent: int | None) -> Quota:
+        quota = self._quotas.get(name)
+        if quota is None:
+            quota = self._quotas[name] = Quota(rpm, tpm, concurrent)
+        return quota
+
+    def admit(self, principal: Principal) -> list[Quota]:
+        """Count one request against every quota that applies, or refuse with 429 and Retry-After."""
+        now = self.clock()
+        held = self.quotas(principal)
+        for quota in held:
+            refusal = quota.refusal(now)
+            if refusal:
+                reason, wait = refusal
+                raise HTTPError(429, f"Rate limit: {reason}.", "rate_limit_exceeded", headers={"Retry-After": str(wait)})
+        for quota in held:
+            quota.requests.add(now)
+            quota.active += 1
+        return held
+
+    def settle(self, held: list[Quota], tokens: int) -> None:
+        now = self.clock()
+        for quota in held:
+            quota.active -= 1
+            quota.tokens.add(now, tokens)
+
+    def allowed_nodes(self, principal: Principal) -> set[str] | None:
+        return set(principal.realm.nodes) if principal.realm.nodes else None
+
+
+def credential_of(headers: list[tuple[bytes, bytes]]) -> str | None:
+    """The client's key, from `Authorization: Bearer …` or Anthropic's `x-api-key`."""
+    for name, value in headers:
+        if name == b"authorization" and value[:7].lower() == b"bearer ":
+            return value[7:].decode("latin-1").strip()
+        if name == b"x-api-key":
+            return value.decode("latin-1").strip()
+    return None
+
+
+class UsageMeter:
+    """Reads token counts out of response bytes as they pass — no JSON parsing on the hot path. The last
+    count seen wins, which is right for every surface (OpenAI usage chunk, Anthropic message_delta,
+    Responses response.completed, Ollama's final line)."""
+
+    PROMPT = re.compile(rb'"(?:prompt_tokens|input_tokens|prompt_eval_count)"\s*:\s*(\d+)')
+    COMPLETION = re.compile(rb'"(?:completion_tokens|output_tokens|eval_count)"\s*:\s*(\d+)')
+
+    __slots__ = ("completion", "prompt", "tail")
+
+    def __init__(self) -> None:
+        self.prompt: int | None = None
+        self.completion: int | None = None
+        self.tail = b""
+
+    def feed(self, data: bytes) -> None:
+        window = self.tail + data if self.tail else data
+        if b"_count" in window or b"tokens" in window:
+            for match in self.PROMPT.finditer(window):
+                self.prompt = int(match.group(1))
+            for match in self.COMPLETION.finditer(window):
+                self.completion = int(match.group(1))
+        self.tail = window[-200:]  # a count split across two chunks is still found
+
+    @property
+    def total(self) -> int:
+        return (self.prompt or 0) + (self.completion or 0)
+
+
+class UsageFrameFilter:
+    """Removes the usage chunk the gateway asked for on the client's behalf, so the client gets exactly the
+    stream it requested. Frames pass through whole and unchanged; only a `choices: []` usage frame is dropped."""
+
+    __slots__ = ("pending",)
+
+    def __init__(self) -> None:
+        self.pending = b""
+
+    def feed(self, chunk: bytes) -> bytes:
+        data = self.pending + chunk if self.pending else chunk
+        cut = data.rfind(b"\n\n")
+        if cut < 0:
+            self.pending = data
+            return b""
+        complete, self.pending = data[: cut + 2], data[cut + 2:]
+        if b'"usage"' not in complete:
+            return complete
+        return b"".join(frame + b"\n\n" for frame in complete.split(b"\n\n")[:-1] if not _is_usage_frame(frame))
+
+    def flush(self) -> bytes:
+        rest, self.pending = self.pending, b""
+        return rest
+
+
+def _is_usage_frame(frame: bytes) -> bool:
+    if not frame.startswith(b"data: ") or b'"usage"' not in frame:
+        return False
+    try:
+        chunk = json.loads(frame[6:])
+    except ValueError:
+        return False
+    return isinstance(chunk, dict) and chunk.get("choices") == [] and chunk.get("usage") is not None
+
+
+class BatchWriter:
+    """Rows (usage ledger, audit log) written to SQLite in small batches, off the request path."""
+
+    FLUSH_EVERY_S = 0.5
+
+    def __init__(self, write: Callable[[list[tuple[Any, ...]]], None]) -> None:
+        self.write = write
+        self.pending: list[tuple[Any, ...]] = []
+
+    def record(self, row: tuple[Any, ...]) -> None:
+        self.pending.append(row)
+
+    def flush(self) -> None:
+        if self.pending:
+            rows, self.pending = self.pending, []
+            self.write(rows)
+
+    async def flush_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.FLUSH_EVERY_S)
+            self.flush()
 
 
 # ── gateway: the data plane; a lean ASGI path from client to node and back, streams relayed as they come ─
@@ -1427,19 +1813,25 @@ class Call:
     """One data-plane request as it flows through the gateway."""
 
     __slots__ = (
+        "aborted",
         "body",
+        "client",
         "error",
         "failovers",
         "finished",
         "first_byte_s",
         "gone",
         "headers",
+        "inject_usage",
+        "meter",
         "method",
         "model",
         "node",
         "path",
         "payload",
+        "principal",
         "query",
+        "quotas",
         "request_id",
         "session",
         "started",
@@ -1470,6 +1862,13 @@ class Call:
         self.strategy: str | None = None
         self.session: str | None = None
         self.failovers = 0
+        client = scope.get("client")
+        self.client: str | None = client[0] if client else None
+        self.principal: Principal | None = None
+        self.quotas: list[Quota] = []
+        self.meter = UsageMeter()
+        self.inject_usage = False
+        self.aborted: str | None = None
 
     def header(self, name: bytes) -> str | None:
         for key, value in self.headers:
@@ -1489,6 +1888,8 @@ class Call:
             "latency_ms": round((time.perf_counter() - self.started) * 1000, 2),
             "ttfb_ms": None if self.first_byte_s is None else round(self.first_byte_s * 1000, 2),
             "error": self.error, "strategy": self.strategy, "failovers": self.failovers,
+            "key": self.principal.key_id if self.principal else None,
+            "prompt_tokens": self.meter.prompt, "completion_tokens": self.meter.completion,
         }
 
 
@@ -1511,15 +1912,21 @@ class Gateway:
 
     async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         call = Call(scope, self.next_request_id())
+        policy = self.app.policy
         try:
+            call.principal = policy.identify(credential_of(call.headers), call.client)
             if call.method == "GET" and call.path.startswith("/v1/models"):
                 await self.list_models(call, send)
                 return
             call.body = await self.read_body(call, receive)
             plan = self.plan(call)
+            call.quotas = policy.admit(call.principal)
+            self.app.active[call] = asyncio.current_task()  # type: ignore[assignment]
             await self.relay_with_watch(call, plan, receive, send)
         except HTTPError as exc:
             call.status, call.error = exc.status, exc.code
+            if exc.status in (401, 403):
+                self.app.audit_denial(call, exc)
             await self.send_error(call, send, exc)
         except ClientGone:
             call.status, call.error = 499, "client_disconnected"
@@ -1529,6 +1936,9 @@ class Gateway:
             with contextlib.suppress(Exception):
                 await self.send_error(call, send, HTTPError(500, "Internal gateway error.", "internal_error"))
         finally:
+            self.app.active.pop(call, None)
+            if call.quotas:
+                policy.settle(call.quotas, call.meter.total)
             self.app.request_done(call)
 
     async def read_body(self, call: Call, receive: Receive) -> bytes:
@@ -1569,6 +1979,8 @@ class Gateway:
                 raise HTTPError(400, "The request needs a `model`.", "missing_model", param="model")
             return self.router.any_node()
         call.model = model
+        assert call.principal is not None
+        self.app.policy.check_model(call.principal, model)
         options = payload.get("vampire") if isinstance(payload.get("vampire"), dict) else {}
         strategy = call.header(b"x-vampire-strategy") or options.get("strategy")
         if strategy is not None and strategy not in STRATEGIES:
@@ -1578,7 +1990,15 @@ class Gateway:
         previous = payload.get("previous_response_id")
         plan = self.router.plan(model, needs_of(kind or "other", payload, call.body), strategy, call.session,
                                 previous if isinstance(previous, str) else None)
+        allowed = self.app.policy.allowed_nodes(call.principal)
+        if allowed is not None:
+            plan.targets = [t for t in plan.targets if t.node.id in allowed]
+            if not plan.targets:
+                raise unavailable(f"No node of realm `{call.principal.realm.name}` can serve `{model}` right now.")
         call.strategy = plan.strategy
+        call.inject_usage = kind in ("chat", "completion") and payload.get("stream") is True and not (
+            isinstance(payload.get("stream_options"), dict) and payload["stream_options"].get("include_usage")
+        )
         return plan
 
     def upstream_body(self, call: Call, target: Target) -> bytes:
@@ -1586,12 +2006,17 @@ class Gateway:
         payload = call.payload
         if payload is None:
             return call.body
-        rewrite = "vampire" in payload or (call.model is not None and target.upstream_model != call.model)
+        rewrite = call.inject_usage or "vampire" in payload or (
+            call.model is not None and target.upstream_model != call.model
+        )
         if not rewrite:
             return call.body
         out = {k: v for k, v in payload.items() if k != "vampire"}
         if call.model is not None and target.upstream_model:
             out["model"] = target.upstream_model
+        if call.inject_usage:  # the ledger needs the counts; the frame carrying them is removed on the way back
+            options = out.get("stream_options")
+            out["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}
         return json.dumps(out, separators=(",", ":")).encode()
 
     def upstream_headers(self, call: Call, node: Node) -> dict[str, str]:
@@ -1618,10 +2043,13 @@ class Gateway:
         try:
             await self.relay(call, plan, send)
         except asyncio.CancelledError:
-            if not call.gone or task is None:
+            if task is None or not (call.gone or call.aborted):
                 raise
             task.uncancel()
-            raise ClientGone from None
+            if call.gone:
+                raise ClientGone from None
+            if not call.status:  # nothing sent yet: an ordinary refusal
+                raise unavailable("The owner has stopped sharing for now.", "sharing_off", retry_after=60) from None
         finally:
             watcher.remove_done_callback(on_disconnect)
             watcher.cancel()
@@ -1738,6 +2166,7 @@ class Gateway:
                 raise UpstreamFailed(_describe_error(exc)) from None
             self.observe_first_byte(call, target)
             self.note_response_id(call, target, data)
+            call.meter.feed(data)
             headers.append((b"content-length", str(len(data)).encode()))
             call.status, call.finished = resp.status, True
             await send({"type": "http.response.start", "status": resp.status, "headers": headers})
@@ -1766,19 +2195,40 @@ class Gateway:
             raise UpstreamFailed(_describe_error(exc)) from None
         self.observe_first_byte(call, target)
         self.note_response_id(call, target, first)
+        meter, strip = call.meter, UsageFrameFilter() if call.inject_usage else None
+        meter.feed(first)
         call.status = resp.status
         await send({"type": "http.response.start", "status": resp.status, "headers": headers})
-        await send({"type": "http.response.body", "body": first, "more_body": True})
+        await send({"type": "http.response.body", "body": strip.feed(first) if strip else first, "more_body": True})
         try:
             async for chunk in chunks:
+                meter.feed(chunk)
+                if strip:
+                    chunk = strip.feed(chunk)
+                    if not chunk:
+                        continue
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            if strip and (rest := strip.flush()):
+                await send({"type": "http.response.body", "body": rest, "more_body": True})
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             call.error = MID_STREAM_FAILURE
             self.registry.report_failure(target.node, _describe_error(exc))
-            content_type = resp.headers.get("content-type", "").encode()
-            message = f"The node {target.node.id} failed mid-stream: {_describe_error(exc)}"
-            await send({"type": "http.response.body", "body": stream_error_frame(call.surface, content_type, message), "more_body": True})
+            await self.end_with_error(call, resp, send, f"The node {target.node.id} failed mid-stream: {_describe_error(exc)}")
+            return
+        except asyncio.CancelledError:
+            if not call.aborted:
+                raise
+            asyncio.current_task().uncancel()  # type: ignore[union-attr]
+            call.error = call.aborted
+            await self.end_with_error(call, resp, send, "The owner stopped sharing; this answer was cut short.")
+            return
         call.finished = True
+        await send({"type": "http.response.body", "body": b""})
+
+    async def end_with_error(self, call: Call, resp: aiohttp.ClientResponse, send: Send, message: str) -> None:
+        content_type = resp.headers.get("content-type", "").encode()
+        call.finished = True
+        await send({"type": "http.response.body", "body": stream_error_frame(call.surface, content_type, message), "more_body": True})
         await send({"type": "http.response.body", "body": b""})
 
     async def send_error(self, call: Call, send: Send, exc: HTTPError) -> None:
@@ -1794,7 +2244,8 @@ class Gateway:
 
     async def list_models(self, call: Call, send: Send) -> None:
         detail = b"vampire_detail=true" in call.query
-        models = {mid: self._model_entry(mid, targets, detail) for mid, targets in self.router.index().items()}
+        models = {mid: self._model_entry(mid, targets, detail) for mid, targets in self.router.index().items()
+                  if self._may_use(call, mid)}
         for route in self.router.routes.values():
             models.setdefault(route.model, self._model_entry(route.model, [], False))
         models[AUTO_MODEL] = self._model_entry(AUTO_MODEL, [], False)
@@ -1807,6 +2258,13 @@ class Gateway:
             body = {"object": "list", "data": [models[AUTO_MODEL], *(models[k] for k in sorted(models) if k != AUTO_MODEL)]}
         await send_json(send, 200, body, [(b"x-vampire-request-id", call.request_id.encode())])
         call.status = 200
+
+    def _may_use(self, call: Call, model_id: str) -> bool:
+        try:
+            self.app.policy.check_model(call.principal, model_id)  # type: ignore[arg-type]
+        except HTTPError:
+            return False
+        return True
 
     def _model_entry(self, model_id: str, targets: list[Target], detail: bool) -> dict[str, Any]:
         entry: dict[str, Any] = {"id": model_id, "object": "model", "created": int(self.app.started_at), "owned_by": "vampire"}
@@ -1866,6 +2324,15 @@ class ControlPlane:
             routing.Route(f"{p}/routes/{{route_id:str}}", self.get_route, methods=["GET"]),
             routing.Route(f"{p}/routes/{{route_id:str}}", self.delete_route, methods=["DELETE"]),
             routing.Route(f"{p}/routing/explain", self.explain),
+            routing.Route(f"{p}/keys", self.list_keys, methods=["GET"]),
+            routing.Route(f"{p}/keys", self.create_key, methods=["POST"]),
+            routing.Route(f"{p}/keys/{{key_id:str}}", self.revoke_key, methods=["DELETE"]),
+            routing.Route(f"{p}/realms", self.list_realms, methods=["GET"]),
+            routing.Route(f"{p}/realms", self.save_realm, methods=["POST"]),
+            routing.Route(f"{p}/share", self.get_share, methods=["GET"]),
+            routing.Route(f"{p}/share", self.put_share, methods=["PUT"]),
+            routing.Route(f"{p}/usage", self.usage),
+            routing.Route(f"{p}/audit", self.audit),
             routing.Route(f"{p}/events", self.events),
             routing.Route("/", self.dashboard),
         ]
@@ -1886,9 +2353,10 @@ class ControlPlane:
             return denied
         nodes = list(self.registry.nodes.values())
         return JSONResponse({
-            "version": __version__, "instance": self.app.instance, "share": self.app.settings.share,
+            "version": __version__, "instance": self.app.instance, "share": self.app.policy.share,
             "nodes_total": len(nodes), "nodes_online": sum(n.health == "online" for n in nodes),
-            "uptime_s": round(time.time() - self.app.started_at, 1),
+            "uptime_s": round(time.time() - self.app.started_at, 1), "queue": len(self.app.admission.waiters),
+            "in_flight": sum(n.in_flight for n in nodes), "keys": len(self.app.policy.keys),
         })
 
     async def list_nodes(self, request: Request) -> Response:
@@ -2047,6 +2515,90 @@ class ControlPlane:
             raise HTTPError(400, f"`strategy` must be one of {', '.join(STRATEGIES)}.", "invalid_strategy")
         return JSONResponse(self.app.router.explain(model, needs, strategy))
 
+    async def list_keys(self, request: Request) -> Response:
+        if denied := self.denied(request):
+            return denied
+        return JSONResponse({"object": "list", "data": [k.public() for k in self.app.policy.keys.values()]})
+
+    async def create_key(self, request: Request) -> Response:
+        if denied := self.denied(request):
+            return denied
+        body = await self._json_object(request)
+        name = body.get("name")
+        if not isinstance(name, str) or not name:
+            raise HTTPError(400, "`name` is required.", "invalid_request", param="name")
+        models = body.get("models") or []
+        if not isinstance(models, list) or not all(isinstance(m, str) for m in models):
+            raise HTTPError(400, "`models` is a list of model names.", "invalid_request", param="models")
+        limits = {k: _opt_positive_int(body, k) for k in ("rpm", "tpm", "max_concurrent")}
+        expires = body.get("expires_at")
+        if expires is not None and not isinstance(expires, int | float):
+            raise HTTPError(400, "`expires_at` is a Unix time in seconds.", "invalid_request", param="expires_at")
+        key, secret = self.app.policy.create_key(name, str(body.get("realm") or DEFAULT_REALM), models=models,
+                                                 expires_at=expires, **limits)
+        self.app.audit("key.create", request, key=key.id, realm=key.realm)
+        return JSONResponse(key.public() | {"key": secret}, status_code=201)
+
+    async def revoke_key(self, request: Request) -> Response:
+        if denied := self.denied(request):
+            return denied
+        key_id = request.path_params["key_id"]
+        if not self.app.policy.revoke_key(key_id):
+            raise HTTPError(404, f"No key `{key_id}`.", "key_not_found")
+        self.app.audit("key.revoke", request, key=key_id)
+        return JSONResponse({"id": key_id, "revoked": True})
+
+    async def list_realms(self, request: Request) -> Response:
+        if denied := self.denied(request):
+            return denied
+        return JSONResponse({"object": "list", "data": [r.public() for r in self.app.policy.realms.values()]})
+
+    async def save_realm(self, request: Request) -> Response:
+        if denied := self.denied(request):
+            return denied
+        body = await self._json_object(request)
+        name = body.get("name")
+        if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", name):
+            raise HTTPError(400, "`name` is 1-64 letters, digits, `_`, `.` or `-`.", "invalid_request", param="name")
+        lists = {k: body.get(k) or [] for k in ("nodes", "models")}
+        if not all(isinstance(v, list) and all(isinstance(i, str) for i in v) for v in lists.values()):
+            raise HTTPError(400, "`nodes` and `models` are lists of names.", "invalid_request")
+        realm = Realm(name, **lists, **{k: _opt_positive_int(body, k) for k in ("rpm", "tpm", "max_concurrent")})
+        self.app.policy.save_realm(realm)
+        self.app.audit("realm.save", request, realm=name)
+        return JSONResponse(realm.public(), status_code=201)
+
+    async def get_share(self, request: Request) -> Response:
+        if denied := self.denied(request):
+            return denied
+        return JSONResponse({"mode": self.app.policy.share})
+
+    async def put_share(self, request: Request) -> Response:
+        if denied := self.denied(request):
+            return denied
+        mode = (await self._json_object(request)).get("mode")
+        self.app.set_share(str(mode))
+        self.app.audit("share", request, mode=mode)
+        return JSONResponse({"mode": self.app.policy.share})
+
+    async def usage(self, request: Request) -> Response:
+        if denied := self.denied(request):
+            return denied
+        group_by = request.query_params.get("group_by", "model")
+        if group_by not in Store.USAGE_GROUPS:
+            raise HTTPError(400, f"`group_by` is one of {', '.join(Store.USAGE_GROUPS)}.", "invalid_request", param="group_by")
+        since = _parse_since(request.query_params.get("since"))
+        self.app.ledger.flush()
+        data = self.app.store.usage(group_by, since)
+        totals = {k: sum(row[k] or 0 for row in data) for k in ("requests", "prompt_tokens", "completion_tokens")}
+        return JSONResponse({"object": "list", "group_by": group_by, "data": data, "totals": totals})
+
+    async def audit(self, request: Request) -> Response:
+        if denied := self.denied(request):
+            return denied
+        self.app.audit_log.flush()
+        return JSONResponse({"object": "list", "data": self.app.store.audit()})
+
     async def events(self, request: Request) -> Response:
         if denied := self.denied(request):
             return denied
@@ -2071,6 +2623,25 @@ class ControlPlane:
         if denied := self.denied(request):
             return denied
         return HTMLResponse(DASHBOARD_HTML)
+
+
+def _opt_positive_int(body: dict[str, Any], key: str) -> int | None:
+    value = body.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise HTTPError(400, f"`{key}` is a positive whole number.", "invalid_request", param=key)
+    return value
+
+
+def _parse_since(value: str | None) -> float:
+    if not value:
+        return 0.0
+    try:
+        moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise HTTPError(400, "`since` is an ISO 8601 date or time.", "invalid_request", param="since") from None
+    return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()
 
 
 def _opt_str(body: dict[str, Any], key: str) -> str | None:
@@ -2110,6 +2681,10 @@ class App:
         self.registry = Registry(settings, self.store, self.events)
         self.router = Router(self.registry, self.store)
         self.admission = Admission(settings)
+        self.policy = Policy(settings, self.store)
+        self.ledger = BatchWriter(self.store.add_usage)
+        self.audit_log = BatchWriter(self.store.add_audit)
+        self.active: dict[Call, asyncio.Task[Any]] = {}  # data-plane requests in flight, for `share off`
         self.gateway = Gateway(self)
         self.control = ControlPlane(self)
         self.demo_nodes: list[Any] = []
@@ -2162,7 +2737,14 @@ class App:
                                if n.admin_state != "disabled"), return_exceptions=True)
         if not self.registry.nodes and s.discover_local:
             await self.find_local_nodes()
-        self._tasks.append(asyncio.get_running_loop().create_task(self.registry.refresh_forever()))
+        loop = asyncio.get_running_loop()
+        self._tasks += [loop.create_task(self.registry.refresh_forever()), loop.create_task(self.flush_forever())]
+
+    async def flush_forever(self) -> None:
+        while True:
+            await asyncio.sleep(BatchWriter.FLUSH_EVERY_S)
+            self.ledger.flush()
+            self.audit_log.flush()
 
     async def stop(self) -> None:
         for task in self._tasks:
@@ -2173,6 +2755,8 @@ class App:
                 await session.close()
         for node in self.demo_nodes:
             await node.stop()
+        self.ledger.flush()
+        self.audit_log.flush()
         self.store.close()
 
     def probe_http(self) -> aiohttp.ClientSession:
@@ -2210,13 +2794,35 @@ class App:
     def request_done(self, call: Call) -> None:
         summary = call.summary()
         self.events.publish("request", summary)
+        if call.method == "POST" and call.model is not None:
+            principal = call.principal
+            self.ledger.record((
+                time.time(), call.request_id, principal.key_id if principal else None,
+                principal.realm.name if principal else None, call.model, call.node.id if call.node else None,
+                call.meter.prompt or 0, call.meter.completion or 0, summary["latency_ms"], call.status, call.surface,
+            ))
         if log.isEnabledFor(logging.INFO):
             log.info("request", extra={"fields": summary})
 
     def audit(self, action: str, request: Request, **details: Any) -> None:
+        """Admin actions: who, when, what, from where — ids and names only, never secrets or prompt text."""
         who = "admin-token" if self.settings.admin_token else "loopback"
         where = request.client.host if request.client else None
+        self.audit_log.record((time.time(), who, action, where, json.dumps(details, default=str)))
         log.info("audit", extra={"fields": {"action": action, "who": who, "from": where, **details}})
+
+    def audit_denial(self, call: Call, exc: HTTPError) -> None:
+        who = f"key:{call.principal.key_id}" if call.principal and call.principal.key else "anonymous"
+        details = {"status": exc.status, "code": exc.code, "path": call.path, "model": call.model}
+        self.audit_log.record((time.time(), who, "denied", call.client, json.dumps(details)))
+
+    def set_share(self, mode: str) -> None:
+        """The owner's switch. `off` also ends every running answer with a clean error frame at once."""
+        self.policy.set_share(mode)
+        if mode == "off":
+            for call, task in list(self.active.items()):
+                call.aborted = "sharing_off"
+                task.cancel()
 
 
 DASHBOARD_HTML = """<!doctype html>
@@ -4477,6 +5083,32 @@ def cmd_nodes(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_routes(args: argparse.Namespace) -> int:
+    client = GatewayClient(load_settings(args), args.url)
+    if args.action == "list":
+        routes = client.call("GET", "/vampire/v1/routes")["data"]
+        print_table([[r["id"], r["strategy"], ", ".join(_target_text(t) for t in r["targets"]), r["fallback"]] for r in routes],
+                    ["ROUTE", "STRATEGY", "TARGETS (in order)", "FALLBACK"])
+        return 0
+    if not args.id:
+        raise CLIError(f"`routes {args.action}` needs a route ID")
+    if args.action == "remove":
+        client.call("DELETE", f"/vampire/v1/routes/{args.id}")
+        print(f"removed route {args.id}")
+        return 0
+    if not args.target:
+        raise CLIError("`routes add` needs at least one --target MODEL[@NODE]")
+    targets = [dict(zip(("model", "node"), t.rsplit("@", 1), strict=False)) for t in args.target]
+    body = {"id": args.id, "targets": targets, "strategy": args.strategy, "fallback": args.fallback}
+    route = client.call("POST", "/vampire/v1/routes", json=body)
+    print(f"route {route['id']}: {', '.join(_target_text(t) for t in route['targets'])}")
+    return 0
+
+
+def _target_text(target: dict[str, str]) -> str:
+    return f"{target['model']}@{target['node']}" if target.get("node") else target["model"]
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     rows = GatewayClient(load_settings(args), args.url).call("GET", "/vampire/v1/models")["data"]
     print_table(
@@ -4600,6 +5232,14 @@ def build_parser() -> argparse.ArgumentParser:
     nodes.add_argument("--token", help="the node owner's API token (add)")
     nodes.add_argument("--name", help="a friendly name (add)")
     nodes.add_argument("--url", help="gateway URL (default from settings)")
+
+    routes = command("routes", cmd_routes, "list, add or remove named virtual models")
+    routes.add_argument("action", choices=["list", "add", "remove"])
+    routes.add_argument("id", nargs="?", help="the route's name (what clients pass as `model`)")
+    routes.add_argument("--target", action="append", help="MODEL[@NODE], in order of preference (repeatable)")
+    routes.add_argument("--strategy", default="auto", choices=STRATEGIES)
+    routes.add_argument("--fallback", help="model to use when no target is available")
+    routes.add_argument("--url", help="gateway URL (default from settings)")
 
     disc = command("discover", cmd_discover, "scan private networks for LM Studio / Ollama nodes")
     disc.add_argument("--subnet", action="append", help="CIDR to scan (repeatable; default 127.0.0.0/24)")

@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 
 freezer="${1:-pyinstaller}"
 dist="${DIST_DIR:-dist}"
-work="${WORK_DIR:-build/.work}"
+work="${WORK_DIR:-build/out}"
 python=("${PYTHON:-python3}")
 
 # The freezer bundles what is installed, so install exactly the runtime dependencies of pyproject.toml.

@@ -3,6 +3,7 @@ emulated LM Studio nodes. The page under test is `_dashboard.html`, mounted at `
 
 from __future__ import annotations
 
+import ast
 import os
 import shutil
 import subprocess
@@ -145,6 +146,7 @@ def test_page_is_small_and_self_contained() -> None:
     html = HTML_PATH.read_text(encoding="utf-8")
     assert len(html.encode()) < 100_000
     assert '"""' not in html and "\\" not in html, "the page is embedded in vampire.py as a plain string"
+    assert ast.literal_eval('"""' + html + '"""') == html
     for external in ('src="http', "src='http", 'href="http', "href='http", "url(", "@import", 'src="//', 'href="//'):
         assert external not in html, f"the page must not load anything from elsewhere ({external})"
 
@@ -204,6 +206,21 @@ def test_playground_streams_text_while_the_node_is_still_generating(dash: Dashbo
     expect(page.get_by_test_id("traffic-row").first).to_contain_text("qwen/qwen3-4b")
 
     save_screenshot(page, "dashboard.png")
+    dash.assert_clean()
+
+
+def test_playground_shows_an_error_frame_from_a_broken_stream(dash: Dashboard) -> None:
+    dash.a.set_fault("midstream", after_chunks=3)
+    dash.open()
+    page = dash.page
+    page.get_by_test_id("playground-model").select_option("qwen/qwen3-4b")
+    page.get_by_test_id("playground-prompt").fill("Break, please.")
+    page.get_by_test_id("playground-send").click()
+    output = page.get_by_test_id("playground-output")
+    expect(output).to_have_attribute("data-state", "error", timeout=10_000)
+    expect(page.get_by_test_id("playground-error")).to_be_visible()
+    assert (page.get_by_test_id("playground-error").text_content() or "").strip()
+    assert (output.text_content() or "").strip(), "the text that did arrive stays on screen"
     dash.assert_clean()
 
 
@@ -417,6 +434,10 @@ def test_admin_token_prompt_and_bearer_on_every_call(browser: Any, node_factory:
         page.goto(gw.url + "/")
         prompt = page.get_by_test_id("token-prompt")
         expect(prompt).to_be_visible()
+        page.locator("#token-input").fill("wrong-token")
+        page.locator("#token-input").press("Enter")
+        expect(prompt).to_be_visible()
+        expect(prompt).to_contain_text("refused")
         sent.clear()
         page.locator("#token-input").fill("owner-token-123")
         page.locator("#token-input").press("Enter")

@@ -242,7 +242,7 @@ def test_full_queue_answers_503_with_retry_after(node_factory: Any, gateway_fact
     assert_no_slot_leaks(gw)
 
 
-def test_queued_request_gets_the_slot_when_it_frees(node_factory: Any, gateway_factory: Any) -> None:
+def test_queued_request_gets_the_slot_when_it_frees(node_factory: Any, gateway_factory: Any, bg: Any) -> None:
     node = node_factory([MockModel("m", loaded=True, parallel=1)], tps=100, completion_tokens=20)
     gw = gateway_factory([node.url], queue_timeout_s=10)
 
@@ -254,7 +254,7 @@ def test_queued_request_gets_the_slot_when_it_frees(node_factory: Any, gateway_f
                     return r.status
             return list(await asyncio.gather(*(one() for _ in range(4))))
 
-    assert asyncio.run(burst()) == [200, 200, 200, 200]
+    assert bg.run(burst()) == [200, 200, 200, 200]
     assert node.stats.generations_finished == 4
     assert_no_slot_leaks(gw)
 

@@ -201,6 +201,23 @@ def test_plan_rejects_unknown_action_and_system(tmp_path: Path) -> None:
     assert "unknown service action" in out[0]
 
 
+def test_current_exe_for_a_script_and_a_console_script(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    script = tmp_path / "vampire.py"
+    monkeypatch.setattr(sys, "argv", [str(script), "service", "install"])
+    assert svc.current_exe() == [sys.executable, str(script.resolve())]
+    launcher = tmp_path / "bin" / "vampire"
+    launcher.parent.mkdir()
+    launcher.write_text("#!/bin/sh\n")
+    launcher.chmod(0o755)
+    monkeypatch.setattr(sys, "argv", [str(launcher), "service", "install"])
+    if sys.platform == "win32":
+        assert svc.current_exe() == [sys.executable, "-m", "vampire"]
+    else:
+        assert svc.current_exe() == [str(launcher)]
+
+
 def test_installers_folder_matches_embedded_templates() -> None:
     for name, content in svc.render_templates().items():
         path = ROOT / "installers" / name
@@ -354,6 +371,21 @@ def test_windows_falls_back_to_run_entry_when_task_is_refused(tmp_path: Path, st
     assert calls[1].startswith(f"reg add {RUN_KEY} /v Vampire /t REG_SZ /d ")
     assert calls[2] == "vampire.exe up"
     assert any("Access is denied" in line and "falling back" in line for line in out)
+    assert "Vampire starts from the HKCU Run entry at your next logon instead of a scheduled task." in out
+
+
+@posix_only
+def test_windows_does_not_fall_back_when_only_the_first_run_fails(tmp_path: Path, stubs: Path) -> None:
+    make_stub(
+        stubs, "schtasks", '[ "$1" = /Create ] && exit 0; echo "ERROR: The task is disabled." >&2; exit 1'
+    )
+    make_stub(stubs, "reg", "exit 0")
+    out: list[str] = []
+    assert (
+        svc.run_service("install", False, EXE, [], tmp_path, tmp_path, system="windows", out=out.append) == 1
+    )
+    assert [c.split()[0] for c in stub_calls(stubs)] == ["schtasks", "schtasks"]
+    assert any("The task is disabled" in line for line in out)
 
 
 # ── vampire up / down ────────────────────────────────────────────────────────────────────────────────
@@ -459,6 +491,20 @@ def test_up_kills_a_child_that_never_answers(tmp_path: Path) -> None:
     pid = int((data / "vampire.log").read_text().splitlines()[-1])
     assert not pid_alive(pid)
     assert not (data / "vampire.pid").exists()
+
+
+@posix_only
+def test_up_replaces_a_stale_pidfile(stand_in: tuple[list[str], str, Path]) -> None:
+    argv, health, data = stand_in
+    data.mkdir(parents=True)
+    finished = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    (data / "vampire.pid").write_text(f"{int(finished.stdout)}\n{sys.executable} gone\n")
+    code, message = svc.start_background(argv, data, health)
+    assert code == 0, message
+    assert "listening on" in message
+    assert int((data / "vampire.pid").read_text().split()[0]) != int(finished.stdout)
 
 
 @posix_only
