@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import getpass
 import hashlib
 import hmac
 import ipaddress
@@ -19,22 +20,33 @@ import json
 import logging
 import math
 import os
+import plistlib
 import random
 import re
 import secrets
+import shlex
+import shutil
+import signal
 import socket
 import sqlite3
+import subprocess
 import sys
+import threading
 import time
 import tomllib
+import urllib.error
+import urllib.parse
+import urllib.request
 import weakref
+import webbrowser
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
+from pathlib import Path, PureWindowsPath
 from typing import Any, NoReturn
 from urllib.parse import urlsplit
+from xml.sax.saxutils import escape as xml_escape
 
 import aiohttp
 import platformdirs
@@ -81,6 +93,7 @@ class Settings:
     trusted_networks: list[str] = field(default_factory=lambda: ["127.0.0.0/8", "::1/128"])
     share: str = "local"
     max_body_bytes: int = 32 * 1024 * 1024
+    cors_origins: list[str] = field(default_factory=list)  # browser origins allowed to call; none by default
     allow_public_nodes: bool = False
     discover_local: bool = True
     demo: bool = False
@@ -146,6 +159,7 @@ _ENV_NAMES = {
     "VAMPIRE_TRUSTED_NETWORKS": "trusted_networks",
     "VAMPIRE_SHARE": "share",
     "VAMPIRE_MAX_BODY_BYTES": "max_body_bytes",
+    "VAMPIRE_CORS_ORIGINS": "cors_origins",
 }
 
 
@@ -1464,9 +1478,9 @@ class Key:
 
 
 def new_key(name: str, realm: str, **limits: Any) -> tuple[Key, str]:
-    key_id, secret, salt = secrets.token_hex(4), secrets.token_urlsafe(24), secrets.token_hex(8)
-    key = Key(id=key_id, name=name, realm=realm, salt=salt, digest=Key.hash(salt, secret), **limits)
-    return key, f"{KEY_PREFIX}{key_id}_{secret}"
+    key_id, salt = secrets.token_hex(4), secrets.token_hex(8)
+    secret = f"{KEY_PREFIX}{key_id}_{secrets.token_urlsafe(24)}"
+    return Key(id=key_id, name=name, realm=realm, salt=salt, digest=Key.hash(salt, secret), **limits), secret
 
 
 @dataclass
@@ -2248,14 +2262,16 @@ class Gateway:
                   if self._may_use(call, mid)}
         for route in self.router.routes.values():
             models.setdefault(route.model, self._model_entry(route.model, [], False))
-        models[AUTO_MODEL] = self._model_entry(AUTO_MODEL, [], False)
+        if self._may_use(call, AUTO_MODEL):
+            models[AUTO_MODEL] = self._model_entry(AUTO_MODEL, [], False)
         requested = call.path[len("/v1/models/"):] if call.path.startswith("/v1/models/") else None
         if requested is not None:
             if requested not in models:
                 self.router._raise_unknown(requested)
             body = models[requested]
         else:
-            body = {"object": "list", "data": [models[AUTO_MODEL], *(models[k] for k in sorted(models) if k != AUTO_MODEL)]}
+            first = [models[AUTO_MODEL]] if AUTO_MODEL in models else []
+            body = {"object": "list", "data": [*first, *(models[k] for k in sorted(models) if k != AUTO_MODEL)]}
         await send_json(send, 200, body, [(b"x-vampire-request-id", call.request_id.encode())])
         call.status = 200
 
@@ -2275,6 +2291,13 @@ class Gateway:
                 for t in targets
             ]}
         return entry
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope["headers"]:
+        if key == name:
+            return value.decode("latin-1")
+    return None
 
 
 async def send_json(send: Send, status: int, body: Any, extra: Sequence[tuple[bytes, bytes]] = ()) -> None:
@@ -2620,9 +2643,11 @@ class ControlPlane:
         return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-store"})
 
     async def dashboard(self, request: Request) -> Response:
-        if denied := self.denied(request):
+        # The page holds no data and no secrets; with an admin token set it must load so that it can ask
+        # for the token, which then guards every call it makes. Without a token, loopback only.
+        if not self.app.settings.admin_token and (denied := self.denied(request)):
             return denied
-        return HTMLResponse(DASHBOARD_HTML)
+        return HTMLResponse(DASHBOARD_HTML, headers={"Cache-Control": "no-store"})
 
 
 def _opt_positive_int(body: dict[str, Any], key: str) -> int | None:
@@ -2696,6 +2721,14 @@ class App:
         )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and self.settings.cors_origins:
+            origin = _header(scope, b"origin")
+            if origin is not None:
+                await self.cors(scope, receive, send, origin)
+                return
+        await self.dispatch(scope, receive, send)
+
+    async def dispatch(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
             path = scope["path"]
             if path.startswith("/v1/"):
@@ -2705,6 +2738,32 @@ class App:
                 await send_json(send, 200, {"status": "ok"})
                 return
         await self.starlette(scope, receive, send)
+
+    async def cors(self, scope: Scope, receive: Receive, send: Send, origin: str) -> None:
+        """Browsers may call only from the origins the owner listed; everything else gets no CORS headers."""
+        allowed = origin in self.settings.cors_origins or "*" in self.settings.cors_origins
+        if scope["method"] == "OPTIONS" and _header(scope, b"access-control-request-method"):
+            if not allowed:
+                await send_json(send, 403, json.loads(error_body("openai", 403, "Origin not allowed.", "cors_forbidden")))
+                return
+            headers = [(b"access-control-allow-origin", origin.encode()), (b"vary", b"Origin"),
+                       (b"access-control-allow-methods", b"GET, POST, PUT, PATCH, DELETE, OPTIONS"),
+                       (b"access-control-allow-headers", (_header(scope, b"access-control-request-headers") or "*").encode()),
+                       (b"access-control-max-age", b"600"), (b"content-length", b"0")]
+            await send({"type": "http.response.start", "status": 204, "headers": headers})
+            await send({"type": "http.response.body", "body": b""})
+            return
+        if not allowed:
+            await self.dispatch(scope, receive, send)
+            return
+
+        async def send_with_cors(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), (b"access-control-allow-origin", origin.encode()),
+                                                  (b"vary", b"Origin")]}
+            await send(message)
+
+        await self.dispatch(scope, receive, send_with_cors)
 
     @contextlib.asynccontextmanager
     async def _lifespan(self, _app: Starlette) -> Any:
@@ -2826,31 +2885,1251 @@ class App:
 
 
 DASHBOARD_HTML = """<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width,initial-scale=1">
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width,initial-scale=1,viewport-fit=cover">
+<meta name="color-scheme" content="light dark">
+<meta name="referrer" content="no-referrer">
 <title>Vampire</title>
-<style>body{font:15px/1.5 system-ui,sans-serif;margin:2rem auto;max-width:52rem;padding:0 1rem;color:#222}
-table{border-collapse:collapse;width:100%}td,th{border-bottom:1px solid #ddd;padding:.3rem .5rem;text-align:left}
-code{background:#f3f3f3;padding:0 .3rem}</style></head>
-<body><h1>Vampire</h1>
-<p>Endpoint: <code id="base"></code> &middot; point any OpenAI client at it.</p>
-<table><thead><tr><th>Node</th><th>State</th><th>Kind</th><th>Models</th></tr></thead><tbody id="nodes"></tbody></table>
-<script>
-document.getElementById("base").textContent = location.origin + "/v1";
-async function load() {
-  const r = await fetch("/vampire/v1/nodes");
-  if (!r.ok) return;
-  const rows = (await r.json()).data.map(n => {
-    const tr = document.createElement("tr");
-    for (const v of [n.name, n.state, n.kind + (n.version ? " " + n.version : ""),
-                     n.models.map(m => m.id + (m.loaded ? " (loaded)" : "")).join(", ")]) {
-      const td = document.createElement("td"); td.textContent = v; tr.appendChild(td);
-    }
-    return tr;
-  });
-  document.getElementById("nodes").replaceChildren(...rows);
+<link rel="icon" href="data:,">
+<style>
+:root{
+  --bg:#f5f6f8;--panel:#ffffff;--fg:#1b2030;--muted:#64708a;--line:#e3e6ec;--soft:#f0f2f6;
+  --accent:#a3243b;--accent-fg:#ffffff;--ok:#0f7b55;--ok-bg:#e3f5ec;--warn:#9a5b00;--warn-bg:#fdf1dc;
+  --bad:#b4233c;--bad-bg:#fbe6ea;--idle:#6b7385;--idle-bg:#eceef2;--bar:#a3243b;--bar2:#d98a98;
+  --radius:12px;--shadow:0 1px 2px rgba(16,24,40,.06);
 }
-load(); setInterval(load, 5000);
-</script></body></html>
+@media (prefers-color-scheme:dark){
+  :root{
+    --bg:#0e1016;--panel:#161922;--fg:#e5e8ef;--muted:#98a1b5;--line:#262b37;--soft:#1d212c;
+    --accent:#e0647a;--accent-fg:#14070a;--ok:#4ccf97;--ok-bg:#12301f;--warn:#f0b44c;--warn-bg:#33260e;
+    --bad:#f07288;--bad-bg:#3a1520;--idle:#9aa3b5;--idle-bg:#232734;--bar:#e0647a;--bar2:#7d3a47;
+    --shadow:none;
+  }
+}
+*{box-sizing:border-box}
+html{-webkit-text-size-adjust:100%}
+body{margin:0;background:var(--bg);color:var(--fg);font:15px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif}
+code,.mono{font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,monospace;font-size:.9em}
+h1,h2,h3{margin:0;font-weight:600}
+h2{font-size:1.02rem}
+a{color:var(--accent)}
+[hidden]{display:none !important}
+header{position:sticky;top:0;z-index:5;background:var(--panel);border-bottom:1px solid var(--line)}
+.bar{max-width:1240px;margin:0 auto;padding:10px 16px;display:flex;flex-wrap:wrap;align-items:center;gap:10px 16px}
+.brand{display:flex;align-items:center;gap:8px;font-size:1.15rem;font-weight:700;letter-spacing:.2px}
+.brand i{width:12px;height:12px;border-radius:50%;background:var(--accent);display:inline-block}
+.endpoint{display:flex;align-items:center;gap:6px;min-width:0;flex:1 1 260px;color:var(--muted)}
+.endpoint code{color:var(--fg);background:var(--soft);padding:3px 8px;border-radius:6px;overflow:hidden;text-overflow:ellipsis;white-space:nowrap}
+.right{display:flex;align-items:center;gap:10px;margin-left:auto;flex-wrap:wrap}
+.live{display:inline-flex;align-items:center;gap:6px;font-size:.85rem;color:var(--muted)}
+.live i{width:8px;height:8px;border-radius:50%;background:var(--idle)}
+.live[data-live="1"] i{background:var(--ok);box-shadow:0 0 0 3px var(--ok-bg)}
+main{max-width:1240px;margin:0 auto;padding:16px}
+.summary{display:grid;grid-template-columns:repeat(auto-fit,minmax(130px,1fr));gap:12px;margin-bottom:16px}
+.stat{background:var(--panel);border:1px solid var(--line);border-radius:var(--radius);padding:12px 14px;box-shadow:var(--shadow)}
+.stat b{display:block;font-size:1.45rem;font-weight:650;font-variant-numeric:tabular-nums;line-height:1.2}
+.stat span{font-size:.8rem;color:var(--muted);text-transform:uppercase;letter-spacing:.04em}
+.grid{display:grid;grid-template-columns:repeat(auto-fit,minmax(min(100%,480px),1fr));gap:16px;align-items:start}
+.panel{background:var(--panel);border:1px solid var(--line);border-radius:var(--radius);padding:14px 16px;box-shadow:var(--shadow);min-width:0}
+.wide{grid-column:1/-1}
+.phead{display:flex;align-items:center;justify-content:space-between;gap:10px;margin-bottom:10px;flex-wrap:wrap}
+.muted{color:var(--muted)}
+.small{font-size:.85rem}
+.empty{color:var(--muted);padding:10px 0;font-size:.9rem}
+button,.btn{font:inherit;font-size:.9rem;min-height:36px;padding:6px 14px;border-radius:8px;border:1px solid var(--line);background:var(--soft);color:var(--fg);cursor:pointer;touch-action:manipulation}
+button:hover{border-color:var(--muted)}
+button:disabled{opacity:.55;cursor:default}
+button.primary{background:var(--accent);border-color:var(--accent);color:var(--accent-fg)}
+button.danger{color:var(--bad);border-color:var(--bad)}
+button.danger.solid{background:var(--bad);color:var(--panel)}
+button.ghost{background:transparent}
+input,select,textarea{font:inherit;font-size:.95rem;min-height:36px;padding:6px 10px;border-radius:8px;border:1px solid var(--line);background:var(--bg);color:var(--fg);min-width:0}
+textarea{width:100%;resize:vertical;min-height:84px}
+input:focus,select:focus,textarea:focus,button:focus-visible{outline:2px solid var(--accent);outline-offset:1px}
+@media (pointer:coarse){button,input,select{min-height:44px}}
+form.row{display:flex;flex-wrap:wrap;gap:8px;align-items:center;margin-top:10px}
+form.row>input,form.row>select{flex:1 1 150px}
+form.row>input[type="url"]{flex:2 1 240px}
+label.f{display:flex;flex-direction:column;gap:3px;font-size:.8rem;color:var(--muted);flex:1 1 150px}
+.tablewrap{overflow-x:auto;-webkit-overflow-scrolling:touch}
+table{border-collapse:collapse;width:100%;font-size:.9rem}
+th{font-weight:600;color:var(--muted);font-size:.78rem;text-transform:uppercase;letter-spacing:.04em;text-align:left}
+th,td{padding:7px 8px;border-bottom:1px solid var(--line);vertical-align:top;text-align:left}
+td.num,th.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
+tr:last-child td{border-bottom:none}
+.badge{display:inline-block;font-size:.76rem;font-weight:600;padding:2px 9px;border-radius:999px;background:var(--idle-bg);color:var(--idle);white-space:nowrap;text-transform:lowercase}
+.b-online,.b-ok{background:var(--ok-bg);color:var(--ok)}
+.b-draining,.b-warn{background:var(--warn-bg);color:var(--warn)}
+.b-offline,.b-unauthorized,.b-bad{background:var(--bad-bg);color:var(--bad)}
+.chips{display:flex;flex-wrap:wrap;gap:6px}
+.chip{display:inline-flex;align-items:center;gap:5px;font-size:.8rem;padding:2px 9px;border-radius:999px;border:1px solid var(--line);background:var(--soft);max-width:100%;overflow:hidden;text-overflow:ellipsis;white-space:nowrap}
+.chip i{width:7px;height:7px;border-radius:50%;background:var(--idle);flex:none}
+.chip.on i{background:var(--ok)}
+.chip.w{white-space:normal}
+.mrow{display:flex;flex-direction:column;gap:6px;padding:9px 0;border-bottom:1px solid var(--line)}
+.mrow:last-child{border-bottom:none}
+#traffic-rows td{white-space:nowrap}
+.nodes{display:grid;grid-template-columns:repeat(auto-fill,minmax(min(100%,340px),1fr));gap:12px}
+.node{border:1px solid var(--line);border-radius:10px;padding:12px;display:flex;flex-direction:column;gap:8px;background:var(--panel)}
+.node[data-state="offline"],.node[data-state="unauthorized"]{border-color:var(--bad-bg)}
+.nh{display:flex;align-items:center;gap:8px;flex-wrap:wrap}
+.nh strong{overflow-wrap:anywhere}
+.kv{display:grid;grid-template-columns:repeat(3,1fr);gap:6px}
+.kv div{background:var(--soft);border-radius:8px;padding:5px 8px;min-width:0}
+.kv span{display:block;font-size:.72rem;color:var(--muted);text-transform:uppercase;letter-spacing:.04em}
+.kv b{font-weight:600;font-variant-numeric:tabular-nums}
+.acts{display:flex;flex-wrap:wrap;gap:6px}
+.err{color:var(--bad);font-size:.85rem;overflow-wrap:anywhere}
+.switch{display:inline-flex;align-items:center;gap:10px;font-weight:600;padding:6px 14px 6px 8px;border-radius:999px;min-height:40px;border:1px solid var(--ok);background:var(--ok-bg);color:var(--ok)}
+.switch .track{width:38px;height:22px;border-radius:999px;background:var(--ok);position:relative;flex:none}
+.switch .track::after{content:"";position:absolute;top:3px;left:19px;width:16px;height:16px;border-radius:50%;background:#fff;transition:left .15s}
+.switch[aria-checked="false"]{border-color:var(--bad);background:var(--bad-bg);color:var(--bad)}
+.switch[aria-checked="false"] .track{background:var(--idle)}
+.switch[aria-checked="false"] .track::after{left:3px}
+.tokenbar{background:var(--warn-bg);color:var(--fg);border-bottom:1px solid var(--line)}
+.tokenbar form{max-width:1240px;margin:0 auto;padding:10px 16px;display:flex;gap:8px;flex-wrap:wrap;align-items:center}
+.tokenbar input{flex:1 1 220px}
+.spin{display:inline-block;width:14px;height:14px;border:2px solid var(--line);border-top-color:var(--accent);border-radius:50%;animation:sp 0.8s linear infinite;vertical-align:-2px}
+@keyframes sp{to{transform:rotate(360deg)}}
+.progress{display:flex;align-items:center;gap:8px;margin-top:10px;color:var(--muted);font-size:.9rem}
+.out{white-space:pre-wrap;overflow-wrap:anywhere;background:var(--soft);border-radius:8px;padding:10px 12px;min-height:84px;margin-top:10px;font-size:.95rem}
+.out:empty::before{content:"The answer streams here.";color:var(--muted)}
+.out[data-state="streaming"]::after{content:"";display:inline-block;width:7px;height:1em;background:var(--accent);vertical-align:-2px;margin-left:2px;animation:bl 1s steps(2) infinite}
+@keyframes bl{50%{opacity:0}}
+.bars{display:flex;flex-direction:column;gap:6px;margin-top:8px}
+.brow{display:grid;grid-template-columns:minmax(70px,32%) 1fr auto;gap:8px;align-items:center;font-size:.85rem}
+.brow .lbl{overflow:hidden;text-overflow:ellipsis;white-space:nowrap}
+.track2{height:14px;background:var(--soft);border-radius:4px;overflow:hidden;display:flex}
+.track2 .p{background:var(--bar2)}
+.track2 .c{background:var(--bar)}
+.seg{display:inline-flex;border:1px solid var(--line);border-radius:8px;overflow:hidden}
+.seg button{border:none;border-radius:0;min-height:32px;background:transparent}
+.seg button[aria-pressed="true"]{background:var(--accent);color:var(--accent-fg)}
+.statgrid{display:grid;grid-template-columns:repeat(auto-fit,minmax(95px,1fr));gap:8px}
+.statgrid div{background:var(--soft);border-radius:8px;padding:8px 10px}
+.statgrid span{display:block;font-size:.72rem;color:var(--muted);text-transform:uppercase;letter-spacing:.04em}
+.statgrid b{font-size:1.1rem;font-variant-numeric:tabular-nums}
+.secret{margin-top:10px;padding:10px;border:1px dashed var(--accent);border-radius:8px;display:flex;flex-wrap:wrap;gap:8px;align-items:center}
+.secret code{flex:1 1 220px;overflow-wrap:anywhere;font-size:.95rem}
+.st2{color:var(--ok)}.st4{color:var(--warn)}.st5{color:var(--bad)}
+#toast{position:fixed;left:50%;bottom:16px;transform:translateX(-50%);z-index:9;max-width:min(92vw,560px);background:var(--fg);color:var(--bg);padding:10px 16px;border-radius:10px;font-size:.9rem;box-shadow:0 6px 24px rgba(0,0,0,.25)}
+#toast.bad{background:var(--bad);color:#fff}
+footer{max-width:1240px;margin:0 auto;padding:4px 16px 24px;color:var(--muted);font-size:.8rem}
+@media (max-width:560px){
+  main{padding:12px}
+  .bar{padding:8px 12px}
+  .summary{grid-template-columns:repeat(3,1fr);gap:8px}
+  .stat{padding:8px 10px}
+  .stat b{font-size:1.15rem}
+  .stat span{font-size:.68rem}
+  form.row>input,form.row>select{flex-basis:100%}
+  .panel{padding:12px}
+  .hide-s{display:none !important}
+  .endpoint{order:3;flex-basis:100%}
+  th,td{padding:7px 5px}
+  .live span{display:none}
+}
+</style>
+</head>
+<body>
+<header>
+  <div class="bar">
+    <div class="brand"><i></i>Vampire</div>
+    <div class="endpoint"><span class="small hide-s">Endpoint</span><code id="endpoint" data-testid="endpoint"></code><button type="button" class="ghost" id="copy-endpoint">Copy</button></div>
+    <div class="right">
+      <span class="live" id="live" data-testid="live-indicator" data-live="0"><i></i><span id="live-text">connecting</span></span>
+      <span id="share-box" hidden>
+        <button type="button" class="switch" id="share-toggle" role="switch" aria-checked="true" data-testid="stop-sharing" title="Stop or resume sharing"><span class="track"></span><span id="share-label">Sharing</span></button>
+        <select id="share-mode" class="hide-s" data-testid="share-mode" aria-label="Who may call without a key">
+          <option value="local">local</option><option value="lan">lan</option><option value="keys">keys only</option>
+        </select>
+      </span>
+    </div>
+  </div>
+  <div class="tokenbar" id="token-bar" data-testid="token-prompt" hidden>
+    <form id="token-form">
+      <span id="token-msg">This gateway asks for its admin token.</span>
+      <input id="token-input" type="password" autocomplete="current-password" placeholder="Admin token" aria-label="Admin token" required>
+      <button class="primary" type="submit">Unlock</button>
+    </form>
+  </div>
+</header>
+
+<main>
+  <section class="summary" aria-label="Cluster summary" data-testid="summary">
+    <div class="stat"><b id="sum-nodes" data-testid="sum-nodes">-</b><span>Nodes online</span></div>
+    <div class="stat"><b id="sum-rps" data-testid="sum-rps">0</b><span>Requests / s</span></div>
+    <div class="stat"><b id="sum-tps" data-testid="sum-tps">-</b><span>Tokens / s</span></div>
+    <div class="stat"><b id="sum-inflight" data-testid="sum-inflight">0</b><span>In flight</span></div>
+    <div class="stat"><b id="sum-queue" data-testid="sum-queue">-</b><span>Queued</span></div>
+  </section>
+
+  <div class="grid">
+    <section class="panel wide" id="nodes-panel" data-testid="nodes-panel">
+      <div class="phead"><h2>Nodes</h2><span class="muted small" id="nodes-note"></span></div>
+      <div class="nodes" id="node-list"></div>
+      <form class="row" id="add-node-form" data-testid="add-node-form" autocomplete="off">
+        <input id="add-url" type="url" placeholder="http://192.168.1.20:1234" aria-label="Node URL" required>
+        <input id="add-token" type="password" autocomplete="new-password" placeholder="Token (optional)" aria-label="Node token">
+        <button class="primary" type="submit" data-testid="add-node-btn">Add node</button>
+      </form>
+    </section>
+
+    <section class="panel" id="playground-panel" data-testid="playground-panel">
+      <div class="phead"><h2>Playground</h2><span class="muted small" id="play-meta" data-testid="playground-meta"></span></div>
+      <form id="play-form">
+        <div class="row" style="display:flex;gap:8px;margin-bottom:8px">
+          <select id="play-model" data-testid="playground-model" aria-label="Model" style="flex:1 1 auto"></select>
+          <button class="primary" type="submit" id="play-send" data-testid="playground-send">Send</button>
+        </div>
+        <textarea id="play-prompt" data-testid="playground-prompt" placeholder="Ask something. Ctrl+Enter sends." aria-label="Prompt"></textarea>
+      </form>
+      <div class="out" id="play-out" data-testid="playground-output" data-state="idle" aria-live="polite"></div>
+      <div class="err" id="play-error" data-testid="playground-error" role="alert" style="margin-top:8px" hidden></div>
+    </section>
+
+    <section class="panel" id="models-panel" data-testid="models-panel">
+      <div class="phead"><h2>Models</h2><span class="muted small" id="models-note"></span></div>
+      <div id="model-rows"></div>
+    </section>
+
+    <section class="panel wide" id="traffic-panel" data-testid="traffic-panel">
+      <div class="phead"><h2>Live traffic</h2><span class="muted small">last 50 requests</span></div>
+      <div class="tablewrap"><table>
+        <thead><tr><th>Time</th><th>Model</th><th class="hide-s">Node</th><th class="num">Status</th><th class="num">Latency</th><th class="num hide-s">Tokens</th><th class="hide-s">Cache</th></tr></thead>
+        <tbody id="traffic-rows"></tbody>
+      </table></div>
+      <div class="empty" id="traffic-empty">Waiting for requests.</div>
+    </section>
+
+    <section class="panel" id="discovery-panel" data-testid="discovery-panel">
+      <div class="phead"><h2>Discovery</h2><span class="muted small">found is not trusted until you approve it</span></div>
+      <form class="row" id="discover-form" autocomplete="off">
+        <label class="f">Subnets<input id="disc-subnets" value="127.0.0.0/24" placeholder="192.168.1.0/24" data-testid="discover-subnets"></label>
+        <label class="f">Ports<input id="disc-ports" value="1234, 11434" placeholder="1234, 11434" data-testid="discover-ports"></label>
+        <button class="primary" type="submit" id="disc-btn" data-testid="discover-btn" style="align-self:flex-end">Scan</button>
+      </form>
+      <div class="progress" id="disc-progress" data-testid="discover-progress" hidden><span class="spin"></span><span id="disc-progress-text">Scanning</span></div>
+      <div class="tablewrap"><table id="disc-table" hidden>
+        <thead><tr><th>Endpoint</th><th>Models</th><th></th></tr></thead>
+        <tbody id="disc-rows"></tbody>
+      </table></div>
+      <div class="empty" id="disc-empty" hidden>Nothing answered.</div>
+    </section>
+
+    <section class="panel" id="routes-panel" data-testid="routes-panel">
+      <div class="phead"><h2>Routes</h2><span class="muted small">named virtual models</span></div>
+      <div class="tablewrap"><table id="routes-table" hidden>
+        <thead><tr><th>Name</th><th>Targets</th><th>Strategy</th><th></th></tr></thead>
+        <tbody id="route-rows"></tbody>
+      </table></div>
+      <div class="empty" id="routes-empty">No routes yet.</div>
+      <form class="row" id="route-form" autocomplete="off">
+        <input id="route-id" placeholder="Name, e.g. fast" aria-label="Route name" data-testid="route-id" required>
+        <input id="route-targets" placeholder="model@node, model" aria-label="Targets" data-testid="route-targets" required>
+        <select id="route-strategy" aria-label="Strategy" data-testid="route-strategy"></select>
+        <input id="route-fallback" placeholder="Fallback model (optional)" aria-label="Fallback model" data-testid="route-fallback">
+        <button class="primary" type="submit" data-testid="route-add-btn">Add route</button>
+      </form>
+    </section>
+
+    <section class="panel" id="keys-panel" data-testid="keys-panel" hidden>
+      <div class="phead"><h2>Keys</h2><span class="muted small">client credentials</span></div>
+      <div class="tablewrap"><table id="keys-table" hidden>
+        <thead><tr><th>Name</th><th>Realm</th><th class="hide-s">Created</th><th></th></tr></thead>
+        <tbody id="key-rows"></tbody>
+      </table></div>
+      <div class="empty" id="keys-empty">No keys yet.</div>
+      <div class="secret" id="new-key-box" hidden>
+        <span class="small">Copy it now; it is shown only once:</span>
+        <code id="new-key" data-testid="new-key"></code>
+        <button type="button" id="copy-key">Copy</button>
+        <button type="button" class="ghost" id="hide-key">Done</button>
+      </div>
+      <form class="row" id="key-form" autocomplete="off">
+        <input id="key-name" placeholder="Name, e.g. laptop" aria-label="Key name" data-testid="key-name" required>
+        <input id="key-realm" placeholder="Realm (optional)" aria-label="Realm" data-testid="key-realm">
+        <button class="primary" type="submit" data-testid="key-create-btn">Create key</button>
+      </form>
+    </section>
+
+    <section class="panel" id="usage-panel" data-testid="usage-panel" hidden>
+      <div class="phead"><h2>Usage</h2>
+        <div class="seg" id="usage-seg" role="group" aria-label="Group usage by">
+          <button type="button" data-group="day" aria-pressed="true">Day</button><button type="button" data-group="key" aria-pressed="false">Key</button><button type="button" data-group="model" aria-pressed="false">Model</button>
+        </div>
+      </div>
+      <div class="small muted" id="usage-totals"></div>
+      <div class="bars" id="usage-bars" data-testid="usage-bars"></div>
+      <div class="small muted" id="usage-legend" style="margin-top:8px" hidden><span style="color:var(--bar)">&#9632;</span> completion tokens <span style="color:var(--bar2)">&#9632;</span> prompt tokens</div>
+    </section>
+
+    <section class="panel" id="cache-panel" data-testid="cache-panel" hidden>
+      <div class="phead"><h2>Cache</h2><button type="button" class="danger" id="cache-clear" data-testid="cache-clear-btn">Clear</button></div>
+      <div class="statgrid" id="cache-stats" data-testid="cache-stats"></div>
+    </section>
+  </div>
+</main>
+<footer id="footer"></footer>
+<div id="toast" role="status" hidden></div>
+
+<script>
+"use strict";
+(() => {
+  const NL = String.fromCharCode(10);
+  const CR = String.fromCharCode(13);
+  const TOKEN_KEY = "vampire.adminToken";
+  const PREV_SHARE_KEY = "vampire.previousShare";
+  const CP = "/vampire/v1";
+  const STRATEGIES = ["auto", "round_robin", "least_busy", "least_latency", "model_affinity", "trusted_only"];
+  const RATE_WINDOW_MS = 10000;
+  const PERIOD_MS = 10000;
+
+  const S = {
+    token: sessionStorage.getItem(TOKEN_KEY) || "",
+    locked: false,
+    nodes: [],
+    status: null,
+    share: null,
+    optional: {},
+    traffic: [],
+    recent: [],
+    liveSince: 0,
+    stream: null,
+    retry: 0,
+    found: [],
+    confirm: "",
+    usageGroup: "day",
+    usage: {},
+    play: null,
+    pending: {},
+    lastNodesFetch: 0,
+    tokensKnown: false,
+    drawQueued: false,
+    nodesDirty: false,
+    keyNames: new Map()
+  };
+
+  const $ = id => document.getElementById(id);
+
+  // Every value from the API reaches the DOM as a text node: node names and model ids are untrusted.
+  function h(tag, props, kids) {
+    const e = document.createElement(tag);
+    if (props) {
+      for (const k of Object.keys(props)) {
+        const v = props[k];
+        if (v === undefined || v === null || v === false) continue;
+        if (k === "text") e.textContent = String(v);
+        else if (k === "cls") e.className = v;
+        else if (k === "testid") e.setAttribute("data-testid", v);
+        else if (k.slice(0, 2) === "on") e.addEventListener(k.slice(2), v);
+        else e.setAttribute(k, v === true ? "" : String(v));
+      }
+    }
+    for (const c of [].concat(kids === undefined ? [] : kids)) {
+      if (c === null || c === undefined || c === false) continue;
+      e.append(typeof c === "object" ? c : String(c));
+    }
+    return e;
+  }
+
+  function fmtNum(v, digits) {
+    if (v === null || v === undefined || v === "" || isNaN(Number(v))) return "-";
+    return Number(v).toLocaleString(undefined, {maximumFractionDigits: digits === undefined ? 0 : digits});
+  }
+  function fmtMs(v) {
+    if (v === null || v === undefined) return "-";
+    const n = Number(v);
+    return n >= 1000 ? fmtNum(n / 1000, 2) + " s" : fmtNum(n, n < 10 ? 1 : 0) + " ms";
+  }
+  function fmtBytes(v) {
+    let n = Number(v) || 0;
+    const units = ["B", "KB", "MB", "GB", "TB"];
+    let i = 0;
+    while (n >= 1024 && i < units.length - 1) { n /= 1024; i++; }
+    return fmtNum(n, i ? 1 : 0) + " " + units[i];
+  }
+  function fmtWhen(v) {
+    if (v === null || v === undefined || v === "") return "-";
+    const t = typeof v === "number" ? (v < 1e12 ? v * 1000 : v) : Date.parse(v);
+    if (isNaN(t)) return String(v);
+    return new Date(t).toLocaleString(undefined, {dateStyle: "medium", timeStyle: "short"});
+  }
+  function clock(t) {
+    return new Date(t).toLocaleTimeString(undefined, {hour12: false});
+  }
+
+  let toastTimer = 0;
+  function toast(msg, bad) {
+    const t = $("toast");
+    t.textContent = msg;
+    t.className = bad ? "bad" : "";
+    t.hidden = false;
+    clearTimeout(toastTimer);
+    toastTimer = setTimeout(() => { t.hidden = true; }, bad ? 6000 : 3000);
+  }
+
+  function authHeaders(extra) {
+    const headers = Object.assign({}, extra || {});
+    if (S.token) headers.Authorization = "Bearer " + S.token;
+    return headers;
+  }
+
+  function errorText(data, status) {
+    const e = data && data.error;
+    if (e && typeof e === "object" && e.message) return String(e.message);
+    if (typeof e === "string") return e;
+    if (status === 0) return "The gateway is not reachable.";
+    return "The gateway answered " + status + ".";
+  }
+
+  // Never throws: callers branch on `ok` and `status`, so a missing endpoint or a dropped link stays quiet.
+  async function api(method, path, body) {
+    const opts = {method: method, headers: authHeaders(), cache: "no-store"};
+    if (body !== undefined) {
+      opts.headers["Content-Type"] = "application/json";
+      opts.body = JSON.stringify(body);
+    }
+    let r;
+    try {
+      r = await fetch(path, opts);
+    } catch (err) {
+      return {ok: false, status: 0, data: null, error: errorText(null, 0)};
+    }
+    let data = null;
+    try { data = await r.json(); } catch (err) { data = null; }
+    if (r.status === 401 && path.indexOf(CP) === 0) lock(S.token ? "That token was refused." : "");
+    return {ok: r.ok, status: r.status, data: data, error: r.ok ? "" : errorText(data, r.status)};
+  }
+
+  function listOf(r) {
+    return r.ok && r.data && Array.isArray(r.data.data) ? r.data.data : [];
+  }
+
+  // admin token
+  function lock(message) {
+    if (message) $("token-msg").textContent = message;
+    if (S.locked) return;
+    S.locked = true;
+    stopEvents();
+    $("token-bar").hidden = false;
+    $("token-input").focus();
+  }
+  $("token-form").addEventListener("submit", ev => {
+    ev.preventDefault();
+    S.token = $("token-input").value.trim();
+    sessionStorage.setItem(TOKEN_KEY, S.token);
+    $("token-input").value = "";
+    $("token-bar").hidden = true;
+    S.locked = false;
+    boot();
+  });
+
+  // summary
+  function renderSummary() {
+    const online = S.nodes.filter(n => n.state === "online").length;
+    $("sum-nodes").textContent = S.nodes.length ? online + " / " + S.nodes.length : "0";
+    const inflight = S.nodes.reduce((a, n) => a + (Number(n.in_flight) || 0), 0);
+    $("sum-inflight").textContent = fmtNum(inflight);
+    const q = S.status ? S.status.queue : undefined;
+    let queued = "-";
+    if (typeof q === "number") queued = fmtNum(q);
+    else if (q && typeof q === "object") {
+      const waiting = [q.waiting, q.depth, q.size, q.length].find(v => typeof v === "number");
+      if (waiting !== undefined) queued = fmtNum(waiting) + (typeof q.max === "number" ? " / " + fmtNum(q.max) : "");
+    }
+    $("sum-queue").textContent = queued;
+    renderRates();
+    const st = S.status;
+    $("footer").textContent = st ? "Vampire " + (st.version || "") + " · instance " + (st.instance || "-") +
+      " · up " + fmtUptime(st.uptime_s) : "";
+  }
+  function fmtUptime(s) {
+    s = Number(s) || 0;
+    if (s < 90) return Math.round(s) + " s";
+    if (s < 5400) return Math.round(s / 60) + " min";
+    if (s < 172800) return fmtNum(s / 3600, 1) + " h";
+    return fmtNum(s / 86400, 1) + " days";
+  }
+  function renderRates() {
+    const now = Date.now();
+    while (S.recent.length && now - S.recent[0].t > RATE_WINDOW_MS) S.recent.shift();
+    // A fresh page has not watched a full window yet; dividing by the full window would under-report.
+    const span = Math.max(1000, Math.min(RATE_WINDOW_MS, now - (S.liveSince || now)));
+    const tokens = S.recent.reduce((a, e) => a + e.tokens, 0);
+    $("sum-rps").textContent = fmtNum(S.recent.length * 1000 / span, 1);
+    // Until the gateway reports token counts per request, a rate of 0 would be a claim, not a measurement.
+    $("sum-tps").textContent = S.tokensKnown ? fmtNum(tokens * 1000 / span, 1) : "-";
+  }
+
+  // nodes
+  async function loadNodes() {
+    S.lastNodesFetch = Date.now();
+    const r = await api("GET", CP + "/nodes");
+    if (!r.ok) return;
+    S.nodes = listOf(r);
+    renderNodes();
+    renderSummary();
+    if (S.found.length) renderFound();
+  }
+
+  function capacity(n) {
+    const models = n.models || [];
+    const loaded = models.filter(m => m.loaded && m.type !== "embedding");
+    const pool = loaded.length ? loaded : models.filter(m => m.loaded);
+    const slots = pool.reduce((a, m) => a + (Number(m.slots) || 0), 0);
+    if (!slots) return null;
+    const tier = typeof n.tier === "number" ? n.tier : 100;
+    return Math.max(1, Math.floor(slots * tier / 100));
+  }
+
+  function renderNodes() {
+    const list = $("node-list");
+    if (!S.nodes.length) {
+      list.replaceChildren(h("div", {cls: "empty"}, "No nodes yet. Add one below, or scan the network in Discovery."));
+      $("nodes-note").textContent = "";
+      return;
+    }
+    list.replaceChildren(...S.nodes.map(nodeCard));
+    const untrusted = S.nodes.filter(n => !n.trusted).length;
+    $("nodes-note").textContent = untrusted ? untrusted + " waiting for approval" : "";
+  }
+
+  function nodeCard(n) {
+    const state = String(n.state || "unknown");
+    const models = (n.models || []).map(m => {
+      return h("span", {cls: "chip" + (m.loaded ? " on" : ""), testid: "node-model", "data-model-id": m.id,
+        title: (m.loaded ? "loaded" : "not loaded") + (m.type ? " · " + m.type : "")}, [h("i"), m.id]);
+    });
+    const cap = capacity(n);
+    const version = [n.kind, n.version].filter(Boolean).join(" ");
+    const actions = [];
+    if (state === "draining" || state === "disabled") {
+      actions.push(h("button", {type: "button", testid: "undrain-btn",
+        onclick: ev => { nodeAction(n, "PATCH", {state: "online"}, ev.currentTarget, "back in rotation"); }}, "Undrain"));
+    } else {
+      actions.push(h("button", {type: "button", testid: "drain-btn", title: "Finish running requests, take no new ones",
+        onclick: ev => { nodeAction(n, "PATCH", {state: "draining"}, ev.currentTarget, "draining"); }}, "Drain"));
+    }
+    if (!n.trusted) {
+      actions.push(h("button", {type: "button", cls: "primary", testid: "trust-btn",
+        onclick: ev => { nodeAction(n, "PATCH", {trusted: true}, ev.currentTarget, "trusted"); }}, "Trust"));
+    }
+    if (S.confirm === "node:" + n.id) {
+      actions.push(h("button", {type: "button", cls: "danger solid", testid: "remove-confirm-btn",
+        onclick: ev => { S.confirm = ""; nodeAction(n, "DELETE", undefined, ev.currentTarget, "removed"); }}, "Remove for good"));
+      actions.push(h("button", {type: "button", cls: "ghost", testid: "remove-cancel-btn",
+        onclick: () => { S.confirm = ""; renderNodes(); }}, "Cancel"));
+    } else {
+      actions.push(h("button", {type: "button", cls: "danger", testid: "remove-btn",
+        onclick: () => { S.confirm = "node:" + n.id; renderNodes(); }}, "Remove"));
+    }
+    return h("article", {cls: "node", testid: "node-row", "data-node-id": n.id, "data-state": state}, [
+      h("div", {cls: "nh"}, [
+        h("strong", {testid: "node-name"}, n.name || n.id),
+        h("span", {cls: "badge b-" + state, testid: "node-state"}, state),
+        h("span", {cls: "badge " + (n.trusted ? "b-ok" : "b-warn"), testid: "node-trust"}, n.trusted ? "trusted" : "untrusted")
+      ]),
+      h("div", {cls: "small muted mono", style: "overflow-wrap:anywhere"},
+        [n.id, version ? " · " + version : "", " · ", n.url || ""]),
+      models.length ? h("div", {cls: "chips", testid: "node-models"}, models) :
+        h("div", {cls: "small muted"}, "No models reported"),
+      h("div", {cls: "kv"}, [
+        h("div", null, [h("span", null, "In flight"), h("b", {testid: "node-inflight"},
+          fmtNum(n.in_flight || 0) + (cap ? " / " + cap : ""))]),
+        h("div", null, [h("span", null, "Latency"), h("b", null, fmtMs(n.latency_ms))]),
+        h("div", {title: "Share of this node's slots its owner allows Vampire"}, [h("span", null, "Tier"), h("b", null, (typeof n.tier === "number" ? n.tier : 100) + " %")])
+      ]),
+      n.last_error && state !== "online" ? h("div", {cls: "err"}, String(n.last_error)) : null,
+      h("div", {cls: "acts"}, actions)
+    ]);
+  }
+
+  async function nodeAction(n, method, body, btn, done) {
+    if (btn) btn.disabled = true;
+    const r = await api(method, CP + "/nodes/" + encodeURIComponent(n.id), body);
+    if (r.ok) toast((n.name || n.id) + ": " + done);
+    else toast(r.error, true);
+    await Promise.all([loadNodes(), loadModels(), loadStatus()]);
+  }
+
+  $("add-node-form").addEventListener("submit", async ev => {
+    ev.preventDefault();
+    const btn = ev.submitter || null;
+    const url = $("add-url").value.trim();
+    const token = $("add-token").value;
+    const body = {url: url};
+    if (token) body.token = token;
+    if (btn) btn.disabled = true;
+    const r = await api("POST", CP + "/nodes", body);
+    if (btn) btn.disabled = false;
+    if (!r.ok) { toast(r.error, true); return; }
+    $("add-url").value = "";
+    $("add-token").value = "";
+    toast("Added " + ((r.data && (r.data.name || r.data.id)) || url));
+    await Promise.all([loadNodes(), loadModels(), loadStatus(), loadPlayModels()]);
+  });
+
+  // models
+  async function loadModels() {
+    const r = await api("GET", CP + "/models");
+    if (!r.ok) return;
+    const byModel = new Map();
+    for (const row of listOf(r)) {
+      if (!byModel.has(row.id)) byModel.set(row.id, []);
+      byModel.get(row.id).push(row);
+    }
+    const ids = Array.from(byModel.keys()).sort();
+    const rows = ids.map(id => {
+      const places = byModel.get(id);
+      const chips = places.map(p => {
+        const ctx = p.loaded ? p.context_length : p.max_context_length;
+        const bits = [p.node, p.loaded ? "loaded" : "on disk"];
+        if (ctx) bits.push(fmtNum(ctx) + " ctx");
+        if (p.slots) bits.push(p.slots + " slots");
+        if (p.node_state && p.node_state !== "online") bits.push(p.node_state);
+        return h("span", {cls: "chip w" + (p.loaded ? " on" : ""), testid: "placement", "data-node-id": p.node}, [h("i"), bits.join(" · ")]);
+      });
+      return h("div", {cls: "mrow", testid: "model-row", "data-model-id": id}, [
+        h("div", {cls: "nh"}, [h("span", {cls: "mono", style: "overflow-wrap:anywhere"}, id),
+          places[0].type ? h("span", {cls: "badge"}, places[0].type) : null]),
+        h("div", {cls: "chips"}, chips)
+      ]);
+    });
+    const body = $("model-rows");
+    if (rows.length) body.replaceChildren(...rows);
+    else body.replaceChildren(h("div", {cls: "empty"}, "No models yet."));
+    $("models-note").textContent = ids.length ? ids.length + " model" + (ids.length === 1 ? "" : "s") : "";
+  }
+
+  async function loadStatus() {
+    const r = await api("GET", CP + "/status");
+    if (!r.ok) return;
+    S.status = r.data;
+    renderSummary();
+  }
+
+  // playground
+  async function loadPlayModels() {
+    let r;
+    try {
+      r = await fetch("/v1/models?vampire_detail=true", {headers: authHeaders(), cache: "no-store"});
+    } catch (err) { return; }
+    if (!r.ok) return;
+    let data = null;
+    try { data = await r.json(); } catch (err) { return; }
+    const sel = $("play-model");
+    const keep = sel.value;
+    const ids = ((data && data.data) || []).filter(m => {
+      const place = m.vampire && m.vampire.placement;
+      return !place || !place.length || place.some(p => p.type !== "embedding");
+    }).map(m => m.id);
+    sel.replaceChildren(...ids.map(id => h("option", {value: id}, id)));
+    if (keep && ids.indexOf(keep) >= 0) sel.value = keep;
+  }
+
+  function playError(msg) {
+    const e = $("play-error");
+    e.textContent = msg;
+    e.hidden = !msg;
+  }
+
+  async function sendPrompt() {
+    if (S.play) { S.play.abort(); return; }
+    const prompt = $("play-prompt").value.trim();
+    const model = $("play-model").value;
+    if (!prompt) { $("play-prompt").focus(); return; }
+    if (!model) { playError("No model is available yet."); return; }
+    const ctl = new AbortController();
+    S.play = ctl;
+    const out = $("play-out");
+    const send = $("play-send");
+    out.textContent = "";
+    out.setAttribute("data-state", "streaming");
+    playError("");
+    $("play-meta").textContent = "";
+    send.textContent = "Stop";
+    const started = performance.now();
+    let firstAt = 0;
+    let usage = null;
+    let node = "";
+    let failed = "";
+    let meta0 = "";
+    try {
+      const r = await fetch("/v1/chat/completions", {
+        method: "POST", signal: ctl.signal, cache: "no-store",
+        headers: authHeaders({"Content-Type": "application/json", "Accept": "text/event-stream"}),
+        body: JSON.stringify({model: model, stream: true, stream_options: {include_usage: true},
+          messages: [{role: "user", content: prompt}]})
+      });
+      node = r.headers.get("X-Vampire-Node") || "";
+      loadNodes();
+      if (!r.ok || !r.body) {
+        let data = null;
+        try { data = await r.json(); } catch (err) { data = null; }
+        failed = errorText(data, r.status);
+      } else {
+        await readSSE(r.body, (name, raw) => {
+          if (raw === "[DONE]") return false;
+          let msg;
+          try { msg = JSON.parse(raw); } catch (err) { return true; }
+          if (msg && msg.error) { failed = errorText(msg, 0); return true; }
+          if (msg && msg.usage) usage = msg.usage;
+          const choice = msg && msg.choices && msg.choices[0];
+          const piece = choice && choice.delta && choice.delta.content;
+          if (piece) {
+            if (!firstAt) firstAt = performance.now();
+            out.append(piece);
+          }
+          return true;
+        });
+      }
+    } catch (err) {
+      if (!ctl.signal.aborted) failed = "The stream broke off: " + (err && err.message ? err.message : "network error");
+    }
+    S.play = null;
+    send.textContent = "Send";
+    const stopped = ctl.signal.aborted && !failed;
+    playError(failed);
+    out.setAttribute("data-state", stopped ? "stopped" : failed ? "error" : "done");
+    if (stopped) meta0 = "stopped";
+    const meta = meta0 ? [meta0] : [];
+    if (node) meta.push(node);
+    if (firstAt) meta.push("first token " + fmtMs(firstAt - started));
+    meta.push("total " + fmtMs(performance.now() - started));
+    if (usage && usage.completion_tokens) meta.push(usage.completion_tokens + " tokens");
+    $("play-meta").textContent = meta.join(" · ");
+  }
+
+  $("play-form").addEventListener("submit", ev => { ev.preventDefault(); sendPrompt(); });
+  $("play-prompt").addEventListener("keydown", ev => {
+    if (ev.key === "Enter" && (ev.ctrlKey || ev.metaKey)) { ev.preventDefault(); if (!S.play) sendPrompt(); }
+  });
+
+  // One parser for both streams (events and chat): `onFrame` returning false stops reading early.
+  async function readSSE(body, onFrame) {
+    const reader = body.getReader();
+    const decoder = new TextDecoder();
+    let buf = "";
+    let name = "";
+    let data = [];
+    for (;;) {
+      const chunk = await reader.read();
+      if (chunk.done) break;
+      buf += decoder.decode(chunk.value, {stream: true});
+      let i = buf.indexOf(NL);
+      while (i >= 0) {
+        let line = buf.slice(0, i);
+        buf = buf.slice(i + 1);
+        i = buf.indexOf(NL);
+        if (line.slice(-1) === CR) line = line.slice(0, -1);
+        if (line === "") {
+          if (data.length && onFrame(name || "message", data.join(NL)) === false) {
+            reader.cancel().catch(() => {});
+            return;
+          }
+          name = "";
+          data = [];
+          continue;
+        }
+        if (line[0] === ":") continue;
+        const c = line.indexOf(":");
+        const field = c < 0 ? line : line.slice(0, c);
+        let value = c < 0 ? "" : line.slice(c + 1);
+        if (value[0] === " ") value = value.slice(1);
+        if (field === "event") name = value;
+        else if (field === "data") data.push(value);
+      }
+    }
+    if (data.length) onFrame(name || "message", data.join(NL));
+  }
+
+  // live events
+  function setLive(on) {
+    $("live").setAttribute("data-live", on ? "1" : "0");
+    $("live-text").textContent = on ? "live" : "reconnecting";
+    if (!on) return;
+    // After a reconnect, whatever changed while the stream was down has to be read back.
+    if (S.liveSince) scheduleNodes(true);
+    else S.liveSince = Date.now();
+  }
+
+  function stopEvents() {
+    clearTimeout(S.retry);
+    if (S.stream) { S.stream.close(); S.stream = null; }
+    setLive(false);
+  }
+
+  // EventSource cannot carry an Authorization header, so with a token the stream is read through fetch.
+  function startEvents() {
+    stopEvents();
+    if (S.locked) return;
+    if (!S.token && window.EventSource) {
+      const es = new EventSource(CP + "/events");
+      S.stream = {close: () => { es.close(); }};
+      es.addEventListener("open", () => { setLive(true); });
+      es.addEventListener("node", ev => { onEvent("node", ev.data); });
+      es.addEventListener("request", ev => { onEvent("request", ev.data); });
+      es.addEventListener("error", () => {
+        setLive(false);
+        if (es.readyState === 2) {
+          S.stream = null;
+          S.retry = setTimeout(() => { loadStatus().then(startEvents); }, 5000);
+        }
+      });
+      return;
+    }
+    const ctl = new AbortController();
+    S.stream = {close: () => { ctl.abort(); }};
+    streamEvents(ctl);
+  }
+
+  async function streamEvents(ctl) {
+    try {
+      const r = await fetch(CP + "/events", {headers: authHeaders({"Accept": "text/event-stream"}), signal: ctl.signal, cache: "no-store"});
+      if (r.status === 401) { lock("That token was refused."); return; }
+      if (r.ok && r.body) {
+        setLive(true);
+        await readSSE(r.body, (name, raw) => { onEvent(name, raw); return true; });
+      }
+    } catch (err) {
+      if (ctl.signal.aborted) return;
+    }
+    if (ctl.signal.aborted) return;
+    setLive(false);
+    S.retry = setTimeout(startEvents, 5000);
+  }
+
+  function onEvent(kind, raw) {
+    let d;
+    try { d = JSON.parse(raw); } catch (err) { return; }
+    if (!d || typeof d !== "object") return;
+    if (kind === "node") {
+      const n = S.nodes.find(x => x.id === d.id);
+      if (n && d.state && d.state !== "removed") {
+        n.state = d.state;
+        if (d.error) n.last_error = d.error;
+        renderNodes();
+        renderSummary();
+      }
+      scheduleNodes(true);
+    } else if (kind === "request") {
+      addTraffic(d);
+      scheduleNodes(false);
+    }
+  }
+
+  // Node events re-read at once (coalesced); request events only refresh in-flight counts, at most every 5 s.
+  function scheduleNodes(urgent) {
+    if (S.pending.nodes) return;
+    const wait = urgent === true ? 150 : Math.max(150, 5000 - (Date.now() - S.lastNodesFetch));
+    S.pending.nodes = setTimeout(async () => {
+      await Promise.all([loadNodes(), urgent === true ? loadModels() : null, urgent === true ? loadStatus() : null]);
+      S.pending.nodes = 0;
+    }, wait);
+  }
+
+  function addTraffic(d) {
+    const now = Date.now();
+    const completion = Number(d.completion_tokens) || 0;
+    if (d.completion_tokens != null) S.tokensKnown = true;
+    S.recent.push({t: now, tokens: completion});
+    if (S.recent.length > 50000) S.recent.splice(0, S.recent.length - 50000);
+    S.traffic.unshift({t: now, d: d});
+    if (S.traffic.length > 50) S.traffic.length = 50;
+    // The request has finished, so its slot is free now; the next /nodes read settles the exact count.
+    const n = d.node && S.nodes.find(x => x.id === d.node);
+    if (n && n.in_flight > 0) { n.in_flight -= 1; S.nodesDirty = true; }
+    // Under load many events land per frame; redrawing the table once per frame is enough.
+    if (S.drawQueued) return;
+    S.drawQueued = true;
+    requestAnimationFrame(() => {
+      S.drawQueued = false;
+      if (S.nodesDirty) { S.nodesDirty = false; renderNodes(); renderSummary(); }
+      renderTraffic();
+      renderRates();
+    });
+  }
+
+  function renderTraffic() {
+    const rows = S.traffic.map(e => {
+      const d = e.d;
+      const status = d.status === null || d.status === undefined ? "-" : String(d.status);
+      const cls = "num st" + status.charAt(0);
+      const p = d.prompt_tokens;
+      const c = d.completion_tokens;
+      const tokens = p == null && c == null ? "-" : fmtNum(c || 0) + (p != null ? " / " + fmtNum(p) : "");
+      return h("tr", {testid: "traffic-row", "data-request-id": d.request_id || ""}, [
+        h("td", {cls: "mono"}, clock(e.t)),
+        h("td", {cls: "mono"}, d.model || d.path || "-"),
+        h("td", {cls: "mono hide-s"}, d.node || "-"),
+        h("td", {cls: cls, title: d.error || ""}, status),
+        h("td", {cls: "num"}, fmtMs(d.latency_ms)),
+        h("td", {cls: "num hide-s", title: "completion / prompt"}, tokens),
+        h("td", {cls: "hide-s"}, d.cache || "-")
+      ]);
+    });
+    const body = $("traffic-rows");
+    body.replaceChildren(...rows);
+    $("traffic-empty").hidden = rows.length > 0;
+  }
+
+  // discovery
+  function splitList(text) {
+    return text.split(",").map(s => s.trim()).filter(Boolean);
+  }
+
+  $("discover-form").addEventListener("submit", async ev => {
+    ev.preventDefault();
+    const subnets = splitList($("disc-subnets").value);
+    const ports = splitList($("disc-ports").value).map(Number);
+    if (ports.some(p => !Number.isInteger(p) || p < 1 || p > 65535)) {
+      toast("Ports are whole numbers between 1 and 65535.", true);
+      return;
+    }
+    const body = {};
+    if (subnets.length) body.subnets = subnets;
+    if (ports.length) body.ports = ports;
+    $("disc-btn").disabled = true;
+    $("disc-progress").hidden = false;
+    $("disc-progress-text").textContent = "Scanning " + (subnets.join(", ") || "this machine") + "...";
+    $("disc-empty").hidden = true;
+    const r = await api("POST", CP + "/discover", body);
+    $("disc-btn").disabled = false;
+    $("disc-progress").hidden = true;
+    if (!r.ok) { toast(r.error, true); return; }
+    S.found = listOf(r);
+    await loadNodes();
+    renderFound();
+  });
+
+  function renderFound() {
+    const rows = S.found.map(f => {
+      const known = S.nodes.find(n => n.url === f.url);
+      let action;
+      if (known && known.trusted) {
+        action = h("span", {cls: "badge b-ok", testid: "discover-approved"}, "approved");
+      } else {
+        action = h("button", {type: "button", cls: "primary", testid: "approve-btn",
+          onclick: ev => { approve(f, known, ev.currentTarget); }}, "Approve");
+      }
+      const models = f.models || [];
+      return h("tr", {testid: "discover-row", "data-url": f.url}, [
+        h("td", null, [h("div", {cls: "mono", style: "white-space:nowrap", title: f.url}, f.url.replace("http://", "")),
+          h("div", {cls: "small muted"}, [f.kind || "unknown", f.version ? " " + f.version : ""]),
+          f.health && f.health !== "online" ? h("div", {cls: "small err"}, f.health) : null]),
+        h("td", {title: models.join(", ")}, [String(models.length),
+          models.length ? h("span", {cls: "small muted hide-s", style: "overflow-wrap:anywhere"},
+            " (" + models.slice(0, 2).join(", ") + (models.length > 2 ? ", ..." : "") + ")") : null]),
+        h("td", {cls: "num"}, action)
+      ]);
+    });
+    const body = $("disc-rows");
+    body.replaceChildren(...rows);
+    $("disc-table").hidden = !rows.length;
+    $("disc-empty").hidden = rows.length > 0;
+  }
+
+  async function approve(f, known, btn) {
+    btn.disabled = true;
+    const r = known ? await api("PATCH", CP + "/nodes/" + encodeURIComponent(known.id), {trusted: true})
+      : await api("POST", CP + "/nodes", {url: f.url, trusted: true});
+    if (r.ok) toast("Approved " + f.url);
+    else { toast(r.error, true); btn.disabled = false; }
+    await Promise.all([loadNodes(), loadModels(), loadStatus(), loadPlayModels()]);
+  }
+
+  // routes
+  $("route-strategy").replaceChildren(...STRATEGIES.map(s => h("option", {value: s}, s.replace(/_/g, " "))));
+
+  async function loadRoutes() {
+    const r = await api("GET", CP + "/routes");
+    if (!r.ok) return;
+    const rows = listOf(r).map(rt => {
+      const targets = (rt.targets || []).map(t => t.node ? t.model + "@" + t.node : t.model);
+      const del = S.confirm === "route:" + rt.id ?
+        h("button", {type: "button", cls: "danger solid", testid: "route-delete-confirm-btn",
+          onclick: ev => { S.confirm = ""; deleteRoute(rt.id, ev.currentTarget); }}, "Delete?") :
+        h("button", {type: "button", cls: "danger", testid: "route-delete-btn",
+          onclick: () => { S.confirm = "route:" + rt.id; loadRoutes(); }}, "Delete");
+      return h("tr", {testid: "route-row", "data-route-id": rt.id}, [
+        h("td", {cls: "mono"}, rt.id),
+        h("td", {cls: "mono", style: "overflow-wrap:anywhere"}, [targets.join(", "),
+          rt.fallback ? h("div", {cls: "small muted"}, "fallback " + rt.fallback) : null]),
+        h("td", null, String(rt.strategy || "auto").replace(/_/g, " ")),
+        h("td", {cls: "num"}, del)
+      ]);
+    });
+    const body = $("route-rows");
+    body.replaceChildren(...rows);
+    $("routes-empty").hidden = rows.length > 0;
+    $("routes-table").hidden = !rows.length;
+  }
+
+  async function deleteRoute(id, btn) {
+    btn.disabled = true;
+    const r = await api("DELETE", CP + "/routes/" + encodeURIComponent(id));
+    if (!r.ok) toast(r.error, true);
+    await Promise.all([loadRoutes(), loadPlayModels()]);
+  }
+
+  // Model ids may themselves contain "@" (LM Studio quant variants), so only a known node id after the
+  // last "@" makes a pin.
+  function parseTarget(text) {
+    const at = text.lastIndexOf("@");
+    if (at > 0) {
+      const node = text.slice(at + 1);
+      if (S.nodes.some(n => n.id === node || n.name === node)) {
+        return {model: text.slice(0, at), node: node};
+      }
+    }
+    return {model: text};
+  }
+
+  $("route-form").addEventListener("submit", async ev => {
+    ev.preventDefault();
+    const body = {
+      id: $("route-id").value.trim(),
+      targets: splitList($("route-targets").value).map(parseTarget),
+      strategy: $("route-strategy").value
+    };
+    const fallback = $("route-fallback").value.trim();
+    if (fallback) body.fallback = fallback;
+    const r = await api("POST", CP + "/routes", body);
+    if (!r.ok) { toast(r.error, true); return; }
+    $("route-form").reset();
+    toast("Route " + body.id + " saved");
+    await Promise.all([loadRoutes(), loadPlayModels()]);
+  });
+
+  // optional panels: keys, usage, cache, share (a 404 means this gateway has not got them)
+  function optional(name, r) {
+    if (r.status === 404) S.optional[name] = false;
+    else if (r.ok) S.optional[name] = true;
+    return S.optional[name] === true;
+  }
+
+  async function loadKeys() {
+    if (S.optional.keys === false) return;
+    const r = await api("GET", CP + "/keys");
+    $("keys-panel").hidden = !optional("keys", r);
+    if (!r.ok) return;
+    const list = listOf(r).filter(k => !k.revoked && !k.revoked_at);
+    S.keyNames = new Map(list.map(k => [k.id, k.name]));
+    const rows = list.map(k => {
+      const id = k.id || k.name;
+      const revoke = S.confirm === "key:" + id ?
+        h("button", {type: "button", cls: "danger solid", testid: "key-revoke-confirm-btn",
+          onclick: ev => { S.confirm = ""; revokeKey(id, ev.currentTarget); }}, "Revoke now") :
+        h("button", {type: "button", cls: "danger", testid: "key-revoke-btn",
+          onclick: () => { S.confirm = "key:" + id; loadKeys(); }}, "Revoke");
+      return h("tr", {testid: "key-row", "data-key-id": id}, [
+        h("td", null, [h("div", null, k.name || id), k.prefix ? h("div", {cls: "small muted mono"}, k.prefix) : null]),
+        h("td", null, k.realm || "-"),
+        h("td", {cls: "small hide-s"}, fmtWhen(k.created_at !== undefined ? k.created_at : k.created)),
+        h("td", {cls: "num"}, revoke)
+      ]);
+    });
+    const body = $("key-rows");
+    body.replaceChildren(...rows);
+    $("keys-empty").hidden = rows.length > 0;
+    $("keys-table").hidden = !rows.length;
+  }
+
+  async function revokeKey(id, btn) {
+    btn.disabled = true;
+    const r = await api("DELETE", CP + "/keys/" + encodeURIComponent(id));
+    if (r.ok) toast("Key revoked");
+    else toast(r.error, true);
+    await loadKeys();
+  }
+
+  $("key-form").addEventListener("submit", async ev => {
+    ev.preventDefault();
+    const body = {name: $("key-name").value.trim()};
+    const realm = $("key-realm").value.trim();
+    if (realm) body.realm = realm;
+    const r = await api("POST", CP + "/keys", body);
+    if (!r.ok) { toast(r.error, true); return; }
+    $("key-form").reset();
+    $("new-key").textContent = (r.data && r.data.key) || "";
+    $("new-key-box").hidden = !(r.data && r.data.key);
+    await loadKeys();
+  });
+  $("hide-key").addEventListener("click", () => {
+    $("new-key").textContent = "";
+    $("new-key-box").hidden = true;
+  });
+  $("copy-key").addEventListener("click", () => { copy($("new-key")); });
+
+  async function loadUsage() {
+    if (S.optional.usage === false) return;
+    const first = await api("GET", CP + "/usage?group_by=day");
+    $("usage-panel").hidden = !optional("usage", first);
+    if (!first.ok) return;
+    S.usage.day = first.data;
+    const more = await Promise.all(["key", "model"].map(g => api("GET", CP + "/usage?group_by=" + g)));
+    if (more[0].ok) S.usage.key = more[0].data;
+    if (more[1].ok) S.usage.model = more[1].data;
+    renderUsage();
+  }
+
+  function renderUsage() {
+    const data = S.usage[S.usageGroup];
+    const rows = (data && Array.isArray(data.data) ? data.data : []).slice();
+    if (S.usageGroup === "day") rows.sort((a, b) => String(a.group) < String(b.group) ? -1 : 1);
+    else rows.sort((a, b) => (Number(b.requests) || 0) - (Number(a.requests) || 0));
+    const shown = rows.slice(-30);
+    const tok = r => (Number(r.prompt_tokens) || 0) + (Number(r.completion_tokens) || 0);
+    const max = Math.max(1, ...shown.map(tok));
+    const bars = shown.map(r => {
+      const p = (Number(r.prompt_tokens) || 0) / max * 100;
+      const c = (Number(r.completion_tokens) || 0) / max * 100;
+      const raw = r.group === null || r.group === undefined || r.group === "" ? "" : String(r.group);
+      // Usage is keyed by key id; people know their keys by name.
+      const label = !raw ? (S.usageGroup === "key" ? "(no key)" : "(none)") :
+        S.usageGroup === "key" && S.keyNames.has(raw) ? S.keyNames.get(raw) : raw;
+      return h("div", {cls: "brow", testid: "usage-bar", "data-group": raw}, [
+        h("span", {cls: "lbl mono", title: label}, label),
+        h("div", {cls: "track2", role: "img", "aria-label": label + ": " + tok(r) + " tokens"}, [
+          h("div", {cls: "c", style: "width:" + c.toFixed(2) + "%"}),
+          h("div", {cls: "p", style: "width:" + p.toFixed(2) + "%"})
+        ]),
+        h("span", {cls: "small muted", style: "white-space:nowrap"}, fmtNum(r.requests) + " req · " + fmtNum(tok(r)) + " tok")
+      ]);
+    });
+    const box = $("usage-bars");
+    if (bars.length) box.replaceChildren(...bars);
+    else box.replaceChildren(h("div", {cls: "empty"}, "No usage recorded yet."));
+    $("usage-legend").hidden = !bars.length;
+    const t = data && data.totals;
+    $("usage-totals").textContent = t ? "Total " + fmtNum(t.requests) + " requests · " +
+      fmtNum(t.prompt_tokens) + " prompt + " + fmtNum(t.completion_tokens) + " completion tokens" : "";
+  }
+  $("usage-seg").addEventListener("click", ev => {
+    const b = ev.target.closest("button");
+    if (!b) return;
+    S.usageGroup = b.getAttribute("data-group");
+    for (const x of $("usage-seg").querySelectorAll("button")) x.setAttribute("aria-pressed", String(x === b));
+    renderUsage();
+  });
+
+  async function loadCache() {
+    if (S.optional.cache === false) return;
+    const r = await api("GET", CP + "/cache");
+    $("cache-panel").hidden = !optional("cache", r);
+    if (!r.ok || !r.data) return;
+    const c = r.data;
+    const lookups = (Number(c.hits) || 0) + (Number(c.misses) || 0);
+    const cells = [
+      ["Entries", fmtNum(c.entries)], ["Size", fmtBytes(c.bytes)],
+      ["Hit rate", lookups ? fmtNum((Number(c.hits) || 0) * 100 / lookups, 1) + " %" : "-"],
+      ["Hits", fmtNum(c.hits)], ["Misses", fmtNum(c.misses)], ["Coalesced", fmtNum(c.coalesced)],
+      ["Calls saved", fmtNum(c.upstream_calls_saved)]
+    ];
+    const grid = $("cache-stats");
+    grid.replaceChildren(...cells.map(x => h("div", null, [h("span", null, x[0]), h("b", null, x[1])])));
+  }
+  $("cache-clear").addEventListener("click", async ev => {
+    const btn = ev.currentTarget;
+    btn.disabled = true;
+    const r = await api("DELETE", CP + "/cache");
+    btn.disabled = false;
+    if (r.ok) toast("Cache cleared");
+    else toast(r.error, true);
+    await loadCache();
+  });
+
+  async function loadShare() {
+    if (S.optional.share === false) return;
+    const r = await api("GET", CP + "/share");
+    $("share-box").hidden = !optional("share", r);
+    if (r.ok && r.data) { S.share = r.data.mode; renderShare(); }
+  }
+
+  function renderShare() {
+    const mode = S.share || "local";
+    const on = mode !== "off";
+    const t = $("share-toggle");
+    t.setAttribute("aria-checked", String(on));
+    t.setAttribute("data-mode", mode);
+    t.title = on ? "Stop sharing: new requests are refused at once" : "Resume sharing";
+    $("share-label").textContent = on ? "Sharing" : "Sharing stopped";
+    const sel = $("share-mode");
+    sel.hidden = !on;
+    if (on) sel.value = mode;
+  }
+
+  async function setShare(mode) {
+    const t = $("share-toggle");
+    t.disabled = true;
+    const r = await api("PUT", CP + "/share", {mode: mode});
+    t.disabled = false;
+    if (!r.ok) { toast(r.error, true); return; }
+    S.share = (r.data && r.data.mode) || mode;
+    renderShare();
+    toast(S.share === "off" ? "Sharing stopped" : "Sharing resumed (" + S.share + ")");
+  }
+
+  $("share-toggle").addEventListener("click", () => {
+    if (S.share && S.share !== "off") {
+      localStorage.setItem(PREV_SHARE_KEY, S.share);
+      setShare("off");
+    } else {
+      setShare(localStorage.getItem(PREV_SHARE_KEY) || "local");
+    }
+  });
+  $("share-mode").addEventListener("change", ev => { setShare(ev.target.value); });
+
+  // misc
+  // The clipboard API exists only in secure contexts; over plain http on a LAN, select the text instead.
+  function copy(el) {
+    const text = el.textContent;
+    if (navigator.clipboard && window.isSecureContext) {
+      navigator.clipboard.writeText(text).then(() => { toast("Copied"); }, () => { toast("Copy failed", true); });
+      return;
+    }
+    const range = document.createRange();
+    range.selectNodeContents(el);
+    const sel = window.getSelection();
+    sel.removeAllRanges();
+    sel.addRange(range);
+    toast("Selected: copy it with your usual shortcut.");
+  }
+  $("endpoint").textContent = location.origin + "/v1";
+  $("copy-endpoint").addEventListener("click", () => { copy($("endpoint")); });
+
+  let booted = false;
+  async function boot() {
+    const first = await api("GET", CP + "/status");
+    if (first.status === 401) return;
+    if (first.ok) S.status = first.data;
+    startEvents();
+    await Promise.all([loadNodes(), loadModels(), loadRoutes(), loadPlayModels(),
+      loadKeys(), loadUsage(), loadCache(), loadShare()]);
+    renderSummary();
+    document.body.setAttribute("data-ready", "1");
+    if (!booted) {
+      booted = true;
+      // A safety net for anything the event stream missed; the stream itself carries the live changes.
+      setInterval(() => {
+        if (S.locked || document.hidden) return;
+        loadStatus(); loadNodes(); loadModels(); loadRoutes();
+        if (S.optional.keys) loadKeys();
+        if (S.optional.usage) loadUsage();
+        if (S.optional.cache) loadCache();
+        if (S.optional.share) loadShare();
+      }, PERIOD_MS);
+      setInterval(renderRates, 5000);
+    }
+  }
+  boot();
+})();
+</script>
+</body>
+</html>
 """
 
 
@@ -4934,9 +6213,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         args, host=args.host, port=args.port, nodes=args.node, demo=args.demo, log_format=args.log_format,
         allow_public_nodes=args.allow_public_nodes,
     )
-    if not is_loopback_host(settings.host) and not settings.admin_token and not args.insecure:
-        print(f"Refusing to listen on {settings.host} without an admin token (set VAMPIRE_ADMIN_TOKEN) "
-              "or --insecure.", file=sys.stderr)
+    if not is_loopback_host(settings.host) and not settings.admin_token and not args.insecure and not has_keys(settings):
+        print(f"Refusing to listen on {settings.host} with neither an admin token (VAMPIRE_ADMIN_TOKEN) nor client "
+              "keys (`vampire keys create`); pass --insecure to do it anyway.", file=sys.stderr)
         return 1
     setup_logging(settings.log_level, settings.log_format)
     app = App(settings)
@@ -4944,7 +6223,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         app, host=settings.host, port=settings.port, log_level=settings.log_level, access_log=False,
         server_header=False, lifespan="on", timeout_graceful_shutdown=3,
     )
-    server = uvicorn.Server(config)
+    server = gateway_server(config)
     announce = print_banner(settings, server, args.open)
     try:
         asyncio.run(serve_with_banner(server, announce))
@@ -4953,8 +6232,36 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0 if server.started or not server.should_exit else 1
 
 
+def gateway_server(config: Any) -> Any:
+    """uvicorn's server, but a stop signal means a clean shutdown and exit 0: uvicorn would re-raise the
+    signal once shut down (ending with status -15), and one-file builds deliver one Ctrl-C twice."""
+    import uvicorn
+
+    class GatewayServer(uvicorn.Server):
+        first_signal_at = 0.0
+
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            now = time.monotonic()
+            if self.should_exit and now - self.first_signal_at > 1.0:
+                self.force_exit = True  # a person pressing Ctrl-C again, not the bootloader's echo
+            elif not self.should_exit:
+                self.first_signal_at, self.should_exit = now, True
+
+    return GatewayServer(config)
+
+
 def is_loopback_host(host: str) -> bool:
     return host in ("localhost", "") or is_loopback(host)
+
+
+def has_keys(settings: Settings) -> bool:
+    if not settings.db_path.exists():
+        return False
+    store = Store(settings.db_path)
+    try:
+        return bool(store.key_rows())
+    finally:
+        store.close()
 
 
 async def serve_with_banner(server: Any, announce: Callable[[], None]) -> None:
@@ -4980,6 +6287,67 @@ def print_banner(settings: Settings, server: Any, open_browser: bool) -> Callabl
             webbrowser.open(base + "/")
 
     return announce
+
+
+SERVE_FLAGS = ("host", "port", "node", "demo", "log_format", "allow_public_nodes", "insecure")
+
+
+def add_serve_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="port (default 7777)")
+    p.add_argument("--node", action="append", default=[], metavar="URL[#TOKEN]", help="a node to use (repeatable)")
+    p.add_argument("--demo", action="store_true", help="also start two emulated LM Studio nodes")
+    p.add_argument("--log-format", choices=["text", "json"])
+    p.add_argument("--insecure", action="store_true", help="allow a non-loopback bind without an admin token or keys")
+    p.add_argument("--allow-public-nodes", action="store_true", help="allow node URLs with public addresses")
+
+
+def serve_argv(args: argparse.Namespace) -> list[str]:
+    """The `serve` flags given to `up` or `service install`, as command-line words again."""
+    argv: list[str] = ["--config", str(args.config)] if args.config else []
+    for name in SERVE_FLAGS:
+        value, flag = getattr(args, name, None), "--" + name.replace("_", "-")
+        if value is True:
+            argv.append(flag)
+        elif isinstance(value, list):
+            argv += [word for item in value for word in (flag, item)]
+        elif value not in (None, False):
+            argv += [flag, str(value)]
+    return argv
+
+
+def local_url(settings: Settings) -> str:
+    host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
+    return f"http://{host}:{settings.port}"
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    settings = load_settings(args, host=args.host, port=args.port)
+    code, message = start_background([*current_exe(), "serve", *serve_argv(args)], settings.data_dir,
+                                     local_url(settings) + "/healthz", timeout=args.timeout)
+    print(message, file=sys.stderr if code else sys.stdout)
+    return code
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    code, message = stop_background(load_settings(args).data_dir)
+    print(message, file=sys.stderr if code else sys.stdout)
+    return code
+
+
+def cmd_service(args: argparse.Namespace) -> int:
+    settings = load_settings(args, host=args.host, port=args.port)
+    return run_service(args.action, args.dry_run, current_exe(), serve_argv(args), Path.home(), settings.data_dir)
+
+
+def cmd_open(args: argparse.Namespace) -> int:
+    """No arguments (a double-click): open the running gateway's dashboard, or start one and open it."""
+    settings = load_settings(args)
+
+    def start() -> None:
+        cmd_serve(build_parser().parse_args(["serve"]))
+
+    return open_or_start(local_url(settings) + "/", start)
 
 
 def cmd_version(args: argparse.Namespace) -> int:
@@ -5109,6 +6477,45 @@ def _target_text(target: dict[str, str]) -> str:
     return f"{target['model']}@{target['node']}" if target.get("node") else target["model"]
 
 
+def cmd_keys(args: argparse.Namespace) -> int:
+    client = GatewayClient(load_settings(args), args.url)
+    if args.action == "list":
+        keys = client.call("GET", "/vampire/v1/keys")["data"]
+        print_table([[k["id"], k["name"], k["realm"], ", ".join(k["models"]) or "all", k["rpm"], k["tpm"],
+                      k["max_concurrent"]] for k in keys], ["ID", "NAME", "REALM", "MODELS", "RPM", "TPM", "CONCURRENT"])
+        return 0
+    if not args.target:
+        raise CLIError(f"`keys {args.action}` needs a {'name' if args.action == 'create' else 'key ID'}")
+    if args.action == "revoke":
+        client.call("DELETE", f"/vampire/v1/keys/{args.target}")
+        print(f"revoked {args.target}")
+        return 0
+    body = {"name": args.target, "realm": args.realm, "models": args.model or [], "rpm": args.rpm, "tpm": args.tpm,
+            "max_concurrent": args.max_concurrent}
+    key = client.call("POST", "/vampire/v1/keys", json=body)
+    print(f"created key {key['id']} ({key['name']}, realm {key['realm']}). Its secret is shown only now:")
+    print(key["key"])
+    return 0
+
+
+def cmd_share(args: argparse.Namespace) -> int:
+    client = GatewayClient(load_settings(args), args.url)
+    state = client.call("PUT", "/vampire/v1/share", json={"mode": args.mode}) if args.mode else client.call(
+        "GET", "/vampire/v1/share")
+    print(f"sharing: {state['mode']}")
+    return 0
+
+
+def cmd_usage(args: argparse.Namespace) -> int:
+    params = {"group_by": args.group_by, **({"since": args.since} if args.since else {})}
+    out = GatewayClient(load_settings(args), args.url).call("GET", "/vampire/v1/usage", params=params)
+    rows = [[r["group"], r["requests"], r["prompt_tokens"], r["completion_tokens"]] for r in out["data"]]
+    totals = out["totals"]
+    print_table([*rows, ["total", totals["requests"], totals["prompt_tokens"], totals["completion_tokens"]]],
+                [args.group_by.upper(), "REQUESTS", "PROMPT TOKENS", "COMPLETION TOKENS"])
+    return 0
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     rows = GatewayClient(load_settings(args), args.url).call("GET", "/vampire/v1/models")["data"]
     print_table(
@@ -5197,14 +6604,18 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     serve = command("serve", cmd_serve, "run the gateway in the foreground")
-    serve.add_argument("--host", help="address to listen on (default 127.0.0.1)")
-    serve.add_argument("--port", type=int, help="port (default 7777)")
-    serve.add_argument("--node", action="append", default=[], metavar="URL[#TOKEN]", help="a node to use (repeatable)")
-    serve.add_argument("--demo", action="store_true", help="also start two emulated LM Studio nodes")
+    add_serve_flags(serve)
     serve.add_argument("--open", action="store_true", help="open the dashboard in a browser once listening")
-    serve.add_argument("--log-format", choices=["text", "json"])
-    serve.add_argument("--insecure", action="store_true", help="allow a non-loopback bind without an admin token")
-    serve.add_argument("--allow-public-nodes", action="store_true", help="allow node URLs with public addresses")
+
+    up = command("up", cmd_up, "start the gateway in the background (idempotent); returns once it answers")
+    add_serve_flags(up)
+    up.add_argument("--timeout", type=float, default=20.0, help="seconds to wait for it to answer")
+    command("down", cmd_down, "stop the background gateway started by `up` (idempotent)")
+
+    service = command("service", cmd_service, "install or control the per-user background service")
+    service.add_argument("action", choices=list(SERVICE_ACTIONS))
+    service.add_argument("--dry-run", action="store_true", help="print the files and commands, change nothing")
+    add_serve_flags(service)
 
     command("version", cmd_version, "print the version")
 
@@ -5241,6 +6652,25 @@ def build_parser() -> argparse.ArgumentParser:
     routes.add_argument("--fallback", help="model to use when no target is available")
     routes.add_argument("--url", help="gateway URL (default from settings)")
 
+    keys = command("keys", cmd_keys, "create, list or revoke client keys")
+    keys.add_argument("action", choices=["create", "list", "revoke"])
+    keys.add_argument("target", nargs="?", help="a name (create) or key ID (revoke)")
+    keys.add_argument("--realm", default=DEFAULT_REALM)
+    keys.add_argument("--model", action="append", help="a model this key may use (repeatable; default all)")
+    keys.add_argument("--rpm", type=int, help="requests per minute")
+    keys.add_argument("--tpm", type=int, help="tokens per minute")
+    keys.add_argument("--max-concurrent", type=int, help="concurrent requests")
+    keys.add_argument("--url", help="gateway URL (default from settings)")
+
+    share = command("share", cmd_share, "show or set who may call without a key: off, local, lan or keys")
+    share.add_argument("mode", nargs="?", choices=list(SHARE_MODES))
+    share.add_argument("--url", help="gateway URL (default from settings)")
+
+    usage = command("usage", cmd_usage, "usage totals from the ledger")
+    usage.add_argument("--group-by", default="model", choices=["key", "model", "node", "realm", "day"])
+    usage.add_argument("--since", help="ISO date or time")
+    usage.add_argument("--url", help="gateway URL (default from settings)")
+
     disc = command("discover", cmd_discover, "scan private networks for LM Studio / Ollama nodes")
     disc.add_argument("--subnet", action="append", help="CIDR to scan (repeatable; default 127.0.0.0/24)")
     disc.add_argument("--port", action="append", type=int, help="port to probe (repeatable; default 1234 and 11434)")
@@ -5260,12 +6690,815 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
-        args = parser.parse_args(["serve", "--open"])
+        args.handler, args.config = cmd_open, None
     try:
         return int(args.handler(args))
     except (CLIError, ConfigError, NodeRefused) as exc:
         print(f"vampire {args.command}: {exc}", file=sys.stderr)
         return 1
+
+
+# ── service: per-user background service, `vampire up`/`down`, the double-click path ──────────────────
+
+# Running Vampire in the background without root.
+#
+# Three ways, from most to least managed:
+#
+# * `vampire service install|uninstall|start|stop|status`: a per-user service of the platform's own manager
+#   (systemd `--user` on Linux, a launchd LaunchAgent on macOS, a Scheduled Task on Windows with an HKCU
+#   Run entry as the fallback). `service_plan` computes what would be written and run; `run_service`
+#   carries it out or, with `dry_run`, only prints it.
+# * `vampire up` / `vampire down`: an unmanaged detached process with a pidfile, for containers and CI
+#   where no user service manager runs (`start_background`, `stop_background`).
+# * no arguments (a double-click): open the dashboard of the running gateway, or start one in the
+#   foreground and open it (`open_or_start`).
+#
+# The product is one file that may be frozen, so the service templates live here as string constants;
+# `installers/render.py` writes them out for reference and a test keeps the two identical.
+
+
+SERVICE_ACTIONS = ("install", "uninstall", "start", "stop", "status")
+SERVICE_SYSTEMS = ("linux", "darwin", "windows")
+SYSTEMD_UNIT_NAME = "vampire.service"
+LAUNCHD_LABEL = "dev.vampire.gateway"
+WINDOWS_TASK_NAME = "Vampire"
+WINDOWS_RUN_KEY = r"HKCU\Software\Microsoft\Windows\CurrentVersion\Run"
+PIDFILE_NAME = "vampire.pid"
+LOGFILE_NAME = "vampire.log"
+
+# Placeholders are @NAME@ so that neither systemd's `%`/`$` syntax nor XML needs escaping in the templates.
+SYSTEMD_UNIT_TEMPLATE = """\
+[Unit]
+Description=Vampire gateway: one OpenAI-compatible endpoint for the LM Studio servers shared with you
+
+[Service]
+Type=simple
+ExecStart=@EXEC_START@
+Environment=@ENV_DATA_DIR@
+Environment=PYTHONUNBUFFERED=1
+Restart=on-failure
+RestartSec=2
+TimeoutStopSec=10
+StandardOutput=journal
+StandardError=journal
+SyslogIdentifier=vampire
+
+[Install]
+WantedBy=default.target
+"""
+
+# Task Scheduler schema 1.2 (Windows Vista and later). The logon trigger names the user: an unscoped
+# logon trigger ("any user") can only be registered with admin rights. ExecutionTimeLimit PT0S lifts the
+# default 72-hour limit after which Task Scheduler would end a long-running gateway.
+WINDOWS_TASK_TEMPLATE = """\
+<?xml version="1.0" encoding="UTF-16"?>
+<Task version="1.2" xmlns="http://schemas.microsoft.com/windows/2004/02/mit/task">
+  <RegistrationInfo>
+    <Description>Vampire gateway: one OpenAI-compatible endpoint for the LM Studio servers shared with you</Description>
+    <URI>\\Vampire</URI>
+  </RegistrationInfo>
+  <Triggers>
+    <LogonTrigger>
+      <Enabled>true</Enabled>
+      <UserId>@USER_ID@</UserId>
+    </LogonTrigger>
+  </Triggers>
+  <Principals>
+    <Principal id="Author">
+      <UserId>@USER_ID@</UserId>
+      <LogonType>InteractiveToken</LogonType>
+      <RunLevel>LeastPrivilege</RunLevel>
+    </Principal>
+  </Principals>
+  <Settings>
+    <MultipleInstancesPolicy>IgnoreNew</MultipleInstancesPolicy>
+    <DisallowStartIfOnBatteries>false</DisallowStartIfOnBatteries>
+    <StopIfGoingOnBatteries>false</StopIfGoingOnBatteries>
+    <AllowHardTerminate>true</AllowHardTerminate>
+    <StartWhenAvailable>true</StartWhenAvailable>
+    <RunOnlyIfNetworkAvailable>false</RunOnlyIfNetworkAvailable>
+    <IdleSettings>
+      <StopOnIdleEnd>false</StopOnIdleEnd>
+      <RestartOnIdle>false</RestartOnIdle>
+    </IdleSettings>
+    <AllowStartOnDemand>true</AllowStartOnDemand>
+    <Enabled>true</Enabled>
+    <Hidden>false</Hidden>
+    <RunOnlyIfIdle>false</RunOnlyIfIdle>
+    <WakeToRun>false</WakeToRun>
+    <ExecutionTimeLimit>PT0S</ExecutionTimeLimit>
+    <Priority>5</Priority>
+    <RestartOnFailure>
+      <Interval>PT1M</Interval>
+      <Count>999</Count>
+    </RestartOnFailure>
+  </Settings>
+  <Actions Context="Author">
+    <Exec>
+      <Command>@COMMAND@</Command>
+      <Arguments>@ARGUMENTS@</Arguments>
+      <WorkingDirectory>@WORKING_DIRECTORY@</WorkingDirectory>
+    </Exec>
+  </Actions>
+</Task>
+"""
+
+
+@dataclass
+class ServicePlan:
+    """What a service action writes and runs, in order: dirs, files, commands, remove, cleanup.
+
+    `optional` holds indexes into `commands` whose failure is expected and harmless (unloading a
+    service that is not loaded). `retry_s` is how long a failing required command is retried: launchd
+    finishes a `bootout` asynchronously, so the `bootstrap` right after it can fail for a moment.
+    `fallback` runs instead when the first command fails (Windows: when Task Scheduler refuses the
+    task, an HKCU Run entry and `vampire up`). `cleanup` runs after `remove`, its failures ignored.
+    """
+
+    files: dict[Path, str]
+    commands: list[list[str]]
+    notes: list[str]
+    dirs: list[Path] = field(default_factory=list)
+    remove: list[Path] = field(default_factory=list)
+    cleanup: list[list[str]] = field(default_factory=list)
+    optional: frozenset[int] = frozenset()
+    retry_s: float = 0.0
+    fallback: list[list[str]] = field(default_factory=list)
+
+
+def current_system() -> str:
+    """The `system` value for this machine: linux, darwin or windows (other platforms: their name)."""
+    if sys.platform.startswith("linux"):
+        return "linux"
+    if sys.platform == "win32":
+        return "windows"
+    return sys.platform
+
+
+def current_exe() -> list[str]:
+    """The command that runs this Vampire again, stable enough to be written into a service definition."""
+    if getattr(sys, "frozen", False):
+        return [sys.executable]
+    if "__compiled__" in globals():
+        # Nuitka: sys.executable may be the unpacked interpreter in a temp dir; argv[0] is the binary.
+        return [str(Path(sys.argv[0]).resolve())]
+    script = Path(sys.argv[0])
+    if script.suffix == ".py":
+        return [sys.executable, str(script.resolve())]
+    if sys.platform == "win32":
+        # A pip console script on Windows has no windowless twin; pythonw.exe -m vampire gives one.
+        return [sys.executable, "-m", "vampire"]
+    found = shutil.which(sys.argv[0])
+    return [str(Path(found).absolute())] if found else [sys.executable, "-m", "vampire"]
+
+
+def render_templates() -> dict[str, str]:
+    """The templates as files for `installers/`: name -> content (placeholders left in)."""
+    plist = _launchd_plist(["@EXE@", "serve", "@SERVE_ARGS@"], "@LOG_DIR@", "@DATA_DIR@")
+    return {
+        "vampire.service.in": SYSTEMD_UNIT_TEMPLATE,
+        f"{LAUNCHD_LABEL}.plist.in": plist,
+        "vampire-task.xml.in": WINDOWS_TASK_TEMPLATE,
+    }
+
+
+def service_plan(
+    action: str, system: str, exe: list[str], serve_args: list[str], home: Path, data_dir: Path
+) -> ServicePlan:
+    """Compute, without side effects, what `vampire service <action>` does on `system`."""
+    if action not in SERVICE_ACTIONS:
+        raise ValueError(f"unknown service action {action!r}; expected one of {', '.join(SERVICE_ACTIONS)}")
+    if not exe:
+        raise ValueError("exe must name the command that runs vampire")
+    if system == "linux":
+        return _systemd_plan(action, exe, serve_args, home, data_dir)
+    if system == "darwin":
+        return _launchd_plan(action, exe, serve_args, home, data_dir)
+    if system == "windows":
+        return _windows_plan(action, exe, serve_args, data_dir)
+    raise ValueError(f"unsupported system {system!r}; expected one of {', '.join(SERVICE_SYSTEMS)}")
+
+
+def _fill(template: str, values: dict[str, str]) -> str:
+    # One pass, so a value that happens to contain @X@ is never substituted again.
+    return re.sub(r"@([A-Z_]+)@", lambda m: values[m.group(1)], template)
+
+
+def _systemd_quote(arg: str, *, exec_line: bool) -> str:
+    value = arg.replace("%", "%%")
+    if exec_line:
+        value = value.replace("$", "$$")
+    if value and not re.search(r"[\s\"'\\;]", value):
+        return value
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _systemd_unit(exe: list[str], serve_args: list[str], data_dir: Path) -> str:
+    exec_start = " ".join(_systemd_quote(a, exec_line=True) for a in [*exe, "serve", *serve_args])
+    env = _systemd_quote(f"VAMPIRE_DATA_DIR={data_dir}", exec_line=False)
+    return _fill(SYSTEMD_UNIT_TEMPLATE, {"EXEC_START": exec_start, "ENV_DATA_DIR": env})
+
+
+def _systemd_plan(
+    action: str, exe: list[str], serve_args: list[str], home: Path, data_dir: Path
+) -> ServicePlan:
+    unit_path = home / ".config" / "systemd" / "user" / SYSTEMD_UNIT_NAME
+    ctl = ["systemctl", "--user"]
+    logs = f"logs: journalctl --user -u {SYSTEMD_UNIT_NAME} -f"
+    if action == "install":
+        return ServicePlan(
+            files={unit_path: _systemd_unit(exe, serve_args, data_dir)},
+            # restart rather than `enable --now`: on a re-install (an upgrade) the running old binary
+            # must be replaced, and restart starts the unit when it is not running.
+            commands=[
+                [*ctl, "daemon-reload"],
+                [*ctl, "enable", SYSTEMD_UNIT_NAME],
+                [*ctl, "restart", SYSTEMD_UNIT_NAME],
+            ],
+            notes=[
+                "To keep Vampire running when you are not logged in (and start it at boot), run once: "
+                "loginctl enable-linger $USER",
+                logs,
+            ],
+        )
+    if action == "uninstall":
+        return ServicePlan(
+            files={},
+            commands=[[*ctl, "disable", "--now", SYSTEMD_UNIT_NAME]],
+            notes=[],
+            remove=[unit_path],
+            cleanup=[[*ctl, "daemon-reload"]],
+            optional=frozenset({0}),
+        )
+    if action == "status":
+        return ServicePlan(
+            files={}, commands=[[*ctl, "status", "--no-pager", SYSTEMD_UNIT_NAME]], notes=[logs]
+        )
+    return ServicePlan(files={}, commands=[[*ctl, action, SYSTEMD_UNIT_NAME]], notes=[])
+
+
+def _launchd_plist(program_arguments: list[str], log_dir: str, data_dir: str) -> str:
+    log = f"{log_dir}/vampire.log"
+    spec = {
+        "Label": LAUNCHD_LABEL,
+        "ProgramArguments": program_arguments,
+        "RunAtLoad": True,
+        "KeepAlive": True,
+        "EnvironmentVariables": {"VAMPIRE_DATA_DIR": data_dir, "PYTHONUNBUFFERED": "1"},
+        "StandardOutPath": log,
+        "StandardErrorPath": log,
+    }
+    return plistlib.dumps(spec, fmt=plistlib.FMT_XML, sort_keys=False).decode("utf-8")
+
+
+def _launchd_plan(
+    action: str, exe: list[str], serve_args: list[str], home: Path, data_dir: Path
+) -> ServicePlan:
+    plist_path = home / "Library" / "LaunchAgents" / f"{LAUNCHD_LABEL}.plist"
+    log_dir = home / "Library" / "Logs" / "vampire"
+    uid = getattr(os, "getuid", lambda: 501)()
+    domain = f"gui/{uid}"
+    target = f"{domain}/{LAUNCHD_LABEL}"
+    bootout = ["launchctl", "bootout", target]
+    bootstrap = ["launchctl", "bootstrap", domain, str(plist_path)]
+    if action == "install":
+        plist = _launchd_plist([*exe, "serve", *serve_args], str(log_dir), str(data_dir))
+        return ServicePlan(
+            files={plist_path: plist},
+            # Unload a previous version first so a re-install (an upgrade) runs the new definition;
+            # enable clears a `launchctl disable` that would make bootstrap fail.
+            commands=[bootout, ["launchctl", "enable", target], bootstrap],
+            notes=[f"logs: {log_dir / 'vampire.log'}"],
+            dirs=[log_dir],
+            optional=frozenset({0}),
+            retry_s=5.0,
+        )
+    if action == "uninstall":
+        return ServicePlan(
+            files={}, commands=[bootout], notes=[], remove=[plist_path], optional=frozenset({0})
+        )
+    if action == "start":
+        # bootstrap fails when the agent is already loaded; kickstart then starts it if it is not running.
+        return ServicePlan(
+            files={},
+            commands=[bootstrap, ["launchctl", "kickstart", target]],
+            notes=[],
+            optional=frozenset({0}),
+        )
+    if action == "stop":
+        # KeepAlive would restart a killed agent, so stopping means unloading it until the next login.
+        return ServicePlan(
+            files={},
+            commands=[bootout],
+            notes=["It starts again at your next login; `vampire service start` starts it now."],
+            optional=frozenset({0}),
+        )
+    return ServicePlan(
+        files={}, commands=[["launchctl", "print", target]], notes=[f"logs: {log_dir / 'vampire.log'}"]
+    )
+
+
+def _windowless(exe: list[str]) -> list[str]:
+    # The task must not open a console window at every logon: use the GUI-subsystem twin.
+    first = PureWindowsPath(exe[0])
+    twins = {"python.exe": "pythonw.exe", "vampire.exe": "vampirew.exe"}
+    twin = twins.get(first.name.lower())
+    return [str(first.with_name(twin)), *exe[1:]] if twin else list(exe)
+
+
+def _windows_user_id() -> str:
+    user = os.environ.get("USERNAME") or getpass.getuser()
+    domain = os.environ.get("USERDOMAIN")
+    return f"{domain}\\{user}" if domain else user
+
+
+def _windows_task_xml(command: list[str], data_dir: Path) -> str:
+    values = {
+        "USER_ID": _windows_user_id(),
+        "COMMAND": command[0],
+        "ARGUMENTS": subprocess.list2cmdline(command[1:]),
+        "WORKING_DIRECTORY": str(data_dir),
+    }
+    return _fill(WINDOWS_TASK_TEMPLATE, {k: xml_escape(v) for k, v in values.items()})
+
+
+def _windows_plan(action: str, exe: list[str], serve_args: list[str], data_dir: Path) -> ServicePlan:
+    xml_path = data_dir / "vampire-task.xml"
+    tn = ["/TN", WINDOWS_TASK_NAME]
+    run_entry = ["reg", "add", WINDOWS_RUN_KEY, "/v", WINDOWS_TASK_NAME, "/t", "REG_SZ"]
+    background = [*_windowless(exe), "serve", *serve_args]
+    if action == "install":
+        return ServicePlan(
+            files={xml_path: _windows_task_xml(background, data_dir)},
+            commands=[["schtasks", "/Create", *tn, "/XML", str(xml_path), "/F"], ["schtasks", "/Run", *tn]],
+            notes=[f"The task runs {subprocess.list2cmdline(background)} at every logon of this user."],
+            dirs=[data_dir],
+            # Some managed machines forbid per-user tasks; a Run entry starts Vampire at the next logon
+            # and `vampire up` starts it now.
+            fallback=[
+                [*run_entry, "/d", subprocess.list2cmdline(background), "/f"],
+                [*exe, "up", *serve_args],
+            ],
+        )
+    if action == "uninstall":
+        return ServicePlan(
+            files={},
+            commands=[
+                ["schtasks", "/End", *tn],
+                ["schtasks", "/Delete", *tn, "/F"],
+                ["reg", "delete", WINDOWS_RUN_KEY, "/v", WINDOWS_TASK_NAME, "/f"],
+                [*exe, "down"],
+            ],
+            notes=[],
+            remove=[xml_path],
+            optional=frozenset({0, 1, 2, 3}),
+        )
+    if action == "start":
+        return ServicePlan(files={}, commands=[["schtasks", "/Run", *tn]], notes=[])
+    if action == "stop":
+        return ServicePlan(files={}, commands=[["schtasks", "/End", *tn]], notes=[])
+    return ServicePlan(files={}, commands=[["schtasks", "/Query", *tn, "/V", "/FO", "LIST"]], notes=[])
+
+
+def _show(cmd: list[str], system: str) -> str:
+    return subprocess.list2cmdline(cmd) if system == "windows" else shlex.join(cmd)
+
+
+def _file_encoding(content: str) -> str:
+    # schtasks /XML reads the task file as UTF-16, the encoding Task Scheduler itself exports.
+    return "utf-16" if content.startswith('<?xml version="1.0" encoding="UTF-16"?>') else "utf-8"
+
+
+def _write_atomic(path: Path, content: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(content, encoding=_file_encoding(content))
+    os.replace(tmp, path)
+
+
+def _run(cmd: list[str], timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+    except FileNotFoundError:
+        return subprocess.CompletedProcess(cmd, 127, "", f"{cmd[0]}: command not found")
+    except subprocess.TimeoutExpired:
+        return subprocess.CompletedProcess(cmd, 124, "", f"{cmd[0]}: no answer within {timeout:.0f}s")
+
+
+def _manager_problem(system: str) -> str | None:
+    """Why the per-user service manager cannot be used here, or None when it can."""
+    if system == "linux":
+        if shutil.which("systemctl") is None:
+            return "systemctl was not found: this system does not run systemd"
+        probe = _run(["systemctl", "--user", "show-environment"], timeout=15)
+        if probe.returncode != 0:
+            reason = (probe.stderr or probe.stdout).strip().splitlines()
+            return "the systemd user service manager is not running here" + (
+                f" ({reason[0]})" if reason else ""
+            )
+    elif system == "darwin":
+        if shutil.which("launchctl") is None:
+            return "launchctl was not found"
+        uid = getattr(os, "getuid", lambda: 501)()
+        if _run(["launchctl", "print", f"gui/{uid}"], timeout=15).returncode != 0:
+            return f"there is no GUI login session for this user (launchd domain gui/{uid})"
+    elif system == "windows" and shutil.which("schtasks") is None:
+        return "schtasks was not found"
+    return None
+
+
+def _print_plan(plan: ServicePlan, system: str, out: Callable[[str], object]) -> None:
+    out("# dry run: nothing is written, removed or run")
+    for d in plan.dirs:
+        out(f"would create directory: {d}")
+    for path, content in plan.files.items():
+        out(f"would write {path} ({_file_encoding(content)}):")
+        out(content.rstrip("\n"))
+        out(f"--- end of {path.name} ---")
+    for i, cmd in enumerate(plan.commands):
+        out(f"would run{' (failure ignored)' if i in plan.optional else ''}: {_show(cmd, system)}")
+    for cmd in plan.fallback:
+        out(f"if that fails, would run instead: {_show(cmd, system)}")
+    for path in plan.remove:
+        out(f"would remove: {path}")
+    for cmd in plan.cleanup:
+        out(f"then would run (failure ignored): {_show(cmd, system)}")
+    for note in plan.notes:
+        out(f"note: {note}")
+
+
+def _run_required(cmd: list[str], retry_s: float) -> subprocess.CompletedProcess[str]:
+    deadline = time.monotonic() + retry_s
+    while True:
+        result = _run(cmd)
+        if result.returncode == 0 or time.monotonic() >= deadline:
+            return result
+        time.sleep(0.25)
+
+
+def _failure_text(result: subprocess.CompletedProcess[str], system: str) -> str:
+    detail = (result.stderr or result.stdout).strip()
+    return f"`{_show(list(result.args), system)}` failed (exit {result.returncode})" + (
+        f": {detail}" if detail else ""
+    )
+
+
+def run_service(
+    action: str,
+    dry_run: bool,
+    exe: list[str],
+    serve_args: list[str],
+    home: Path,
+    data_dir: Path,
+    system: str | None = None,
+    out: Callable[[str], object] = print,
+) -> int:
+    """Carry out `vampire service <action>`; with dry_run only print it. Returns 0 ok, 1 failure, 2 bad usage."""
+    system = system or current_system()
+    try:
+        plan = service_plan(action, system, exe, serve_args, home, data_dir)
+    except ValueError as exc:
+        out(f"error: {exc}")
+        return 2
+    if dry_run:
+        _print_plan(plan, system, out)
+        return 0
+    if action != "uninstall":
+        problem = _manager_problem(system)
+        if problem and not (system == "windows" and plan.fallback):
+            out(f"error: cannot {action} the Vampire service: {problem}. Nothing was changed.")
+            out(
+                "Run the gateway in the background with `vampire up` (stop it with `vampire down`), "
+                "or in the foreground with `vampire serve`."
+            )
+            return 1
+    for d in plan.dirs:
+        d.mkdir(parents=True, exist_ok=True)
+    for path, content in plan.files.items():
+        _write_atomic(path, content)
+        out(f"wrote {path}")
+    failed: subprocess.CompletedProcess[str] | None = None
+    failed_at = -1
+    for i, cmd in enumerate(plan.commands):
+        out(f"$ {_show(cmd, system)}")
+        result = _run(cmd) if i in plan.optional else _run_required(cmd, plan.retry_s)
+        if action == "status" and result.stdout.strip():
+            out(result.stdout.rstrip())
+        if result.returncode == 0:
+            continue
+        if i in plan.optional:
+            out(f"  (ignored: exit {result.returncode})")
+            continue
+        failed, failed_at = result, i
+        break
+    fell_back = failed is not None and failed_at == 0 and bool(plan.fallback)
+    if fell_back and failed is not None:
+        out(f"{_failure_text(failed, system)}; falling back")
+        failed = None
+        for cmd in plan.fallback:
+            out(f"$ {_show(cmd, system)}")
+            result = _run(cmd)
+            if result.stdout.strip():
+                out(result.stdout.rstrip())
+            if result.returncode != 0:
+                failed = result
+                break
+    for path in plan.remove:
+        if path.exists():
+            path.unlink()
+            out(f"removed {path}")
+    for cmd in plan.cleanup:
+        out(f"$ {_show(cmd, system)}")
+        _run(cmd)
+    if failed is not None:
+        if action == "status":
+            out("The Vampire service is not running (or not installed).")
+        else:
+            out(f"error: {_failure_text(failed, system)}")
+        return 1
+    if fell_back:
+        out("Vampire starts from the HKCU Run entry at your next logon instead of a scheduled task.")
+    else:
+        for note in plan.notes:
+            out(note)
+    done = {"install": "installed and started", "uninstall": "removed", "start": "started", "stop": "stopped"}
+    if action in done:
+        out(f"Vampire service {done[action]}.")
+    return 0
+
+
+# ── background process: `vampire up` / `vampire down` ──────────────────────────────────────────────────
+
+
+def _healthy(url: str, timeout: float = 1.0) -> bool:
+    # No proxies: an HTTP(S)_PROXY in the environment must not capture a loopback health check.
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(url, timeout=timeout) as resp:
+            if resp.status != 200:
+                return False
+            body = json.loads(resp.read(4096) or b"{}")
+    except (OSError, ValueError, urllib.error.URLError):
+        return False
+    return isinstance(body, dict) and body.get("status") == "ok"
+
+
+def _base_url(health_url: str) -> str:
+    parts = urllib.parse.urlsplit(health_url)
+    return f"{parts.scheme}://{parts.netloc}/"
+
+
+def _read_pidfile(pidfile: Path) -> tuple[int, list[str]] | None:
+    try:
+        lines = pidfile.read_text(encoding="utf-8").splitlines()
+        pid = int(lines[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    return pid, (shlex.split(lines[1]) if len(lines) > 1 else [])
+
+
+def _alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    if sys.platform == "win32":
+        return _alive_windows(pid)
+    with contextlib.suppress(ChildProcessError, OSError):
+        # Our own child (a test, or `up` that failed) lingers as a zombie until reaped.
+        if os.waitpid(pid, os.WNOHANG)[0] == pid:
+            return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    stat = Path(f"/proc/{pid}/stat")
+    with contextlib.suppress(OSError, IndexError):
+        if stat.read_text().rsplit(")", 1)[1].split()[0] == "Z":
+            return False
+    return True
+
+
+def _alive_windows(pid: int) -> bool:
+    import ctypes
+
+    kernel32 = ctypes.windll.kernel32  # type: ignore[attr-defined]
+    handle = kernel32.OpenProcess(0x1000, False, pid)  # PROCESS_QUERY_LIMITED_INFORMATION
+    if not handle:
+        return kernel32.GetLastError() == 5  # access denied: it exists, it is someone else's
+    try:
+        code = ctypes.c_ulong()
+        if not kernel32.GetExitCodeProcess(handle, ctypes.byref(code)):
+            return True
+        return code.value == 259  # STILL_ACTIVE
+    finally:
+        kernel32.CloseHandle(handle)
+
+
+def _is_ours(pid: int, argv: list[str]) -> bool:
+    """Whether `pid` is still the process the pidfile recorded, not a recycled pid (checked where /proc is)."""
+    if not _alive(pid):
+        return False
+    cmdline = Path(f"/proc/{pid}/cmdline")
+    if not argv or not cmdline.exists():
+        return True
+    try:
+        return cmdline.read_bytes().split(b"\0")[:-1] == [a.encode() for a in argv]
+    except OSError:
+        return True
+
+
+def _log_tail(log: Path, start: int, lines: int = 15) -> str:
+    try:
+        with log.open("rb") as fh:
+            fh.seek(start)
+            text = fh.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
+    return "\n".join(text.strip().splitlines()[-lines:])
+
+
+def _signal_tree(pid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        # `up` starts the process as a session leader, so its group also holds what it spawned
+        # (a one-file bootloader's unpacked child).
+        if os.getpgid(pid) == pid:
+            os.killpg(pid, sig)
+        else:
+            os.kill(pid, sig)
+
+
+def _wait_gone(pid: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while _alive(pid):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def _terminate(pid: int, timeout: float) -> bool:
+    if sys.platform == "win32":
+        # No SIGTERM on Windows; taskkill /T also ends a one-file bootloader's child.
+        _run(["taskkill", "/PID", str(pid), "/T", "/F"], timeout=timeout)
+        return _wait_gone(pid, timeout)
+    # SIGTERM to the process alone: a one-file bootloader forwards it to its child, and a second
+    # signal to the child would make uvicorn skip its graceful shutdown.
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.kill(pid, signal.SIGTERM)
+    if _wait_gone(pid, timeout):
+        return True
+    _signal_tree(pid, signal.SIGKILL)
+    return _wait_gone(pid, 5.0)
+
+
+def _spawn_detached(argv: list[str], log: Path) -> tuple[int, Callable[[], int | None]]:
+    """Start argv in its own session, output to `log`; return its pid and a poll for its exit code."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    if sys.platform == "win32":
+        flags = (
+            subprocess.DETACHED_PROCESS | subprocess.CREATE_NEW_PROCESS_GROUP | subprocess.CREATE_NO_WINDOW
+        )
+        with log.open("ab") as fh:
+            proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=fh,
+                stderr=subprocess.STDOUT,
+                env=env,
+                creationflags=flags,
+            )
+        return proc.pid, proc.poll
+    # posix_spawn rather than Popen: the process is meant to outlive us, and an abandoned Popen object
+    # complains that its child is still running.
+    fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        pid = os.posix_spawnp(
+            argv[0],
+            argv,
+            env,
+            file_actions=[
+                (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+                (os.POSIX_SPAWN_DUP2, fd, 1),
+                (os.POSIX_SPAWN_DUP2, fd, 2),
+            ],
+            setsid=True,
+        )
+    finally:
+        os.close(fd)
+
+    def poll() -> int | None:
+        try:
+            done, status = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            return -1
+        return os.waitstatus_to_exitcode(status) if done == pid else None
+
+    return pid, poll
+
+
+def start_background(
+    argv: list[str], data_dir: Path, health_url: str, timeout: float = 20.0
+) -> tuple[int, str]:
+    """`vampire up`: start `argv` detached unless a gateway already runs; return when it answers health_url."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    pidfile = data_dir / PIDFILE_NAME
+    log = data_dir / LOGFILE_NAME
+    base = _base_url(health_url)
+    recorded = _read_pidfile(pidfile)
+    if recorded and not _is_ours(*recorded):
+        pidfile.unlink(missing_ok=True)
+        recorded = None
+    if _healthy(health_url):
+        who = f" (pid {recorded[0]})" if recorded else ""
+        return 0, f"Vampire is already running at {base}{who}"
+    if recorded:
+        return (
+            0,
+            f"Vampire is already running as pid {recorded[0]} but {health_url} does not answer yet; see {log}",
+        )
+    with log.open("ab") as fh:
+        start = fh.seek(0, os.SEEK_END)
+        fh.write(f"--- vampire up {time.strftime('%Y-%m-%d %H:%M:%S')}: {shlex.join(argv)}\n".encode())
+    try:
+        pid, poll = _spawn_detached(argv, log)
+    except OSError as exc:
+        return 1, f"could not start {shlex.join(argv)}: {exc}"
+    tmp = pidfile.with_name(f".{PIDFILE_NAME}.tmp")
+    tmp.write_text(f"{pid}\n{shlex.join(argv)}\n", encoding="utf-8")
+    os.replace(tmp, pidfile)
+    deadline = time.monotonic() + timeout
+    reason = f"{health_url} did not answer within {timeout:g}s"
+    while time.monotonic() < deadline:
+        if _healthy(health_url):
+            return (
+                0,
+                f"Vampire is listening on {base} (pid {pid}; log {log}; stop it with `vampire down`)",
+            )
+        code = poll()
+        if code is not None:
+            reason = f"the process exited with code {code} before answering"
+            break
+        time.sleep(0.05)
+    if poll() is None:
+        _terminate(pid, 5.0)
+    pidfile.unlink(missing_ok=True)
+    tail = _log_tail(log, start)
+    return 1, f"Vampire did not start: {reason}." + (f"\nlast lines of {log}:\n{tail}" if tail else "")
+
+
+def stop_background(data_dir: Path, timeout: float = 10.0) -> tuple[int, str]:
+    """`vampire down`: stop the process `vampire up` started; "not running" is success."""
+    pidfile = data_dir / PIDFILE_NAME
+    recorded = _read_pidfile(pidfile)
+    if recorded is None:
+        pidfile.unlink(missing_ok=True)
+        return 0, "Vampire is not running (no background process started by `vampire up`)"
+    pid, argv = recorded
+    if not _is_ours(pid, argv):
+        pidfile.unlink(missing_ok=True)
+        return 0, f"Vampire is not running (removed the stale pidfile naming pid {pid})"
+    if not _terminate(pid, timeout):
+        return 1, f"could not stop pid {pid}; the pidfile {pidfile} is kept"
+    pidfile.unlink(missing_ok=True)
+    return 0, f"Vampire stopped (pid {pid})"
+
+
+# ── the double-click path ───────────────────────────────────────────────────────────────────────────
+
+
+def open_or_start(
+    url: str,
+    start: Callable[[], None],
+    open_browser: Callable[[str], object] = webbrowser.open,
+    out: Callable[[str], object] = print,
+) -> int:
+    """Open the running gateway's dashboard, or start one in the foreground and open it once it answers."""
+    health = urllib.parse.urljoin(url, "/healthz")
+    if _healthy(health):
+        out(f"Vampire is already running: opening {url}")
+        open_browser(url)
+        return 0
+    out(f"Starting Vampire on {url} (the dashboard opens in your browser).")
+    out("Stop it with Ctrl-C, or by closing this window.")
+    stopped = threading.Event()
+
+    def open_when_ready() -> None:
+        deadline = time.monotonic() + 60.0
+        while not stopped.is_set() and time.monotonic() < deadline:
+            if _healthy(health, timeout=0.5):
+                open_browser(url)
+                return
+            stopped.wait(0.1)
+
+    opener = threading.Thread(target=open_when_ready, name="vampire-open-browser", daemon=True)
+    opener.start()
+    try:
+        start()
+    finally:
+        stopped.set()
+        opener.join(2.0)
+    return 0
 
 
 if __name__ == "__main__":

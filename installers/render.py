@@ -16,10 +16,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-try:
-    from _service import render_templates
-except ImportError:
-    from vampire import render_templates
+from vampire import render_templates  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

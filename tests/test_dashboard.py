@@ -1,5 +1,5 @@
 """The dashboard in a real browser: Debian's Chromium, driven by Playwright, against a real gateway and two
-emulated LM Studio nodes. The page under test is `_dashboard.html`, mounted at `/` of the gateway."""
+emulated LM Studio nodes. The page under test is the one vampire.py embeds and serves at `/`."""
 
 from __future__ import annotations
 
@@ -17,7 +17,6 @@ import pytest
 from conftest import wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
-HTML_PATH = ROOT / "_dashboard.html"
 OUT_DIR = ROOT / "test-output"
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -123,9 +122,7 @@ def save_screenshot(page: Any, name: str) -> None:
 
 @pytest.fixture
 def dash(browser: Any, node_factory: Any, gateway_factory: Any, monkeypatch: Any) -> Iterator[Dashboard]:
-    import vampire
 
-    monkeypatch.setattr(vampire, "DASHBOARD_HTML", HTML_PATH.read_text(encoding="utf-8"))
     # 80 words at 40 tokens/s: a two-second stream, long enough to watch it grow.
     a = node_factory(MODELS_A, tps=40, completion_tokens=80)
     b = node_factory(MODELS_B)
@@ -143,7 +140,9 @@ def dash(browser: Any, node_factory: Any, gateway_factory: Any, monkeypatch: Any
 
 
 def test_page_is_small_and_self_contained() -> None:
-    html = HTML_PATH.read_text(encoding="utf-8")
+    import vampire
+
+    html = vampire.DASHBOARD_HTML
     assert len(html.encode()) < 100_000
     assert '"""' not in html and "\\" not in html, "the page is embedded in vampire.py as a plain string"
     assert ast.literal_eval('"""' + html + '"""') == html
@@ -343,7 +342,7 @@ class DesignStubs:
         async def usage(request: Any) -> Any:
             groups = {
                 "day": [("2025-11-23", 4, 300, 900), ("2025-11-24", 9, 800, 2100)],
-                "key": [("kitchen", 10, 900, 2500), ("laptop", 3, 200, 500)],
+                "key": [("k2", 10, 900, 2500), (None, 3, 200, 500)],
                 "model": [("qwen/qwen3-4b", 11, 1000, 2800), ("google/gemma-3-4b", 2, 100, 200)],
             }[request.query_params.get("group_by", "day")]
             rows = [{"group": g, "requests": r, "prompt_tokens": p, "completion_tokens": c} for g, r, p, c in groups]
@@ -393,6 +392,8 @@ def test_keys_usage_cache_and_share_panels_against_the_documented_shapes(dash: D
     expect(usage.locator('[data-testid="usage-bar"][data-group="2025-11-24"]')).to_contain_text("9 req")
     usage.get_by_role("button", name="Model").click()
     expect(usage.locator('[data-testid="usage-bar"][data-group="qwen/qwen3-4b"]')).to_contain_text("11 req")
+    usage.get_by_role("button", name="Key").click()
+    expect(usage.locator('[data-testid="usage-bar"][data-group="k2"]')).to_contain_text("laptop")
 
     stats = page.get_by_test_id("cache-stats")
     expect(stats).to_contain_text("75 %")
@@ -414,9 +415,7 @@ def test_keys_usage_cache_and_share_panels_against_the_documented_shapes(dash: D
 
 def test_admin_token_prompt_and_bearer_on_every_call(browser: Any, node_factory: Any, gateway_factory: Any,
                                                      monkeypatch: Any) -> None:
-    import vampire
 
-    monkeypatch.setattr(vampire, "DASHBOARD_HTML", HTML_PATH.read_text(encoding="utf-8"))
     a, b = node_factory(MODELS_A), node_factory(MODELS_B)
     gw = gateway_factory([a.url, b.url], admin_token="owner-token-123")
     context = browser.new_context()

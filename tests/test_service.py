@@ -22,10 +22,7 @@ from pathlib import Path
 
 import pytest
 
-try:
-    import _service as svc
-except ImportError:
-    import vampire as svc
+import vampire as svc
 
 ROOT = Path(__file__).resolve().parent.parent
 EXE = ["/opt/vampire/bin/vampire"]
