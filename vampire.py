@@ -94,6 +94,8 @@ class Settings:
     share: str = "local"
     max_body_bytes: int = 32 * 1024 * 1024
     cors_origins: list[str] = field(default_factory=list)  # browser origins allowed to call; none by default
+    cache_max_bytes: int = 256 * 1024 * 1024
+    cache_ttl_s: float = 3600.0
     allow_public_nodes: bool = False
     discover_local: bool = True
     demo: bool = False
@@ -160,6 +162,8 @@ _ENV_NAMES = {
     "VAMPIRE_SHARE": "share",
     "VAMPIRE_MAX_BODY_BYTES": "max_body_bytes",
     "VAMPIRE_CORS_ORIGINS": "cors_origins",
+    "VAMPIRE_CACHE_MAX_BYTES": "cache_max_bytes",
+    "VAMPIRE_CACHE_TTL_S": "cache_ttl_s",
 }
 
 
@@ -737,6 +741,7 @@ class Registry:
         self._wake = asyncio.Event()
         self._probing: dict[str, asyncio.Task[None]] = {}
         self._probe_again: set[str] = set()
+        self.on_fingerprints_changed: Callable[[set[str]], Any] | None = None
         self.version = 0  # bumps on any inventory or state change; the router rebuilds its index on it
 
     def load(self) -> None:
@@ -835,6 +840,7 @@ class Registry:
         before = node.state
         now = time.time()
         if result.health == "online":
+            self._note_fingerprints(node, result)
             node.failures = node.auth_failures = 0
             node.health, node.kind, node.version, node.models = "online", result.kind, result.version, result.models
             node.last_seen, node.last_error = now, None
@@ -853,6 +859,18 @@ class Registry:
             node.next_probe = time.monotonic() + self._backoff(node)
         self._announce(node, before)
         self.changed()
+
+    def _note_fingerprints(self, node: Node, result: Interrogation) -> None:
+        """A model that changed under the same id (quantization, format, node version) makes its cached
+        answers stale."""
+        if self.on_fingerprints_changed is None or not node.models:
+            return
+        before = {m.id: m.fingerprint(node) for m in node.models}
+        probe = dataclasses.replace(node, kind=result.kind, version=result.version)
+        after = {m.id: m.fingerprint(probe) for m in result.models}
+        stale = {fp for mid, fp in before.items() if after.get(mid, fp) != fp}
+        if stale:
+            self.on_fingerprints_changed(stale)
 
     def _backoff(self, node: Node) -> float:
         # An unauthorized node is re-probed promptly the first time so one stray 401 is confirmed fast.
@@ -1761,6 +1779,316 @@ class BatchWriter:
             self.flush()
 
 
+# ── cache: identical concurrent requests share one upstream call; finished deterministic results are kept ─
+
+
+CACHE_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/messages"})
+TRANSPORT_FIELDS = frozenset({"stream", "stream_options", "vampire"})
+
+
+def deterministic(path: str, payload: dict[str, Any]) -> bool:
+    """Same request, same answer: temperature 0, a pinned seed, or an embedding."""
+    if path == "/v1/embeddings":
+        return True
+    temperature = payload.get("temperature")
+    seed = payload.get("seed")
+    return (isinstance(temperature, int | float) and not isinstance(temperature, bool) and temperature == 0) or (
+        isinstance(seed, int) and not isinstance(seed, bool)
+    )
+
+
+def canonical_request(path: str, payload: dict[str, Any]) -> str:
+    """The request with key order, whitespace and transport fields (stream, stream_options) ignored."""
+    body = {k: v for k, v in payload.items() if k not in TRANSPORT_FIELDS}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+    return hashlib.sha256(f"{path}\n{text}".encode()).hexdigest()
+
+
+def cache_key(realm: str, canonical: str, fingerprint: str) -> str:
+    return f"{realm}|{canonical}|{fingerprint}"
+
+
+@dataclass
+class Result:
+    """A finished upstream answer as the gateway relayed it: status, headers and body messages in order."""
+
+    status: int
+    headers: list[tuple[bytes, bytes]]
+    chunks: list[bytes]
+    streamed: bool
+    fingerprint: str = ""
+    created: float = field(default_factory=time.monotonic)
+
+    @property
+    def size(self) -> int:
+        return sum(len(c) for c in self.chunks) + sum(len(k) + len(v) for k, v in self.headers) + 64
+
+
+class ResultCache:
+    """LRU bounded by bytes, with a TTL; entries never cross realms (the realm is part of every key)."""
+
+    def __init__(self, max_bytes: int, ttl_s: float) -> None:
+        self.max_bytes, self.ttl_s = max_bytes, ttl_s
+        self.entries: dict[str, Result] = {}
+        self.bytes = 0
+        self.hits = self.misses = self.coalesced = self.saved = 0
+
+    def get(self, key: str) -> Result | None:
+        entry = self.entries.get(key)
+        if entry is None:
+            return None
+        if time.monotonic() - entry.created > self.ttl_s:
+            self._drop(key)
+            return None
+        self.entries[key] = self.entries.pop(key)  # most recently used goes last
+        return entry
+
+    def put(self, key: str, result: Result) -> None:
+        if result.size > self.max_bytes:
+            return
+        if key in self.entries:
+            self._drop(key)
+        self.entries[key] = result
+        self.bytes += result.size
+        while self.bytes > self.max_bytes:
+            self._drop(next(iter(self.entries)))
+
+    def _drop(self, key: str) -> None:
+        self.bytes -= self.entries.pop(key).size
+
+    def invalidate(self, fingerprints: set[str]) -> int:
+        """A model changed under its id (new quantization, format, node version): its answers go."""
+        stale = [k for k, e in self.entries.items() if e.fingerprint in fingerprints]
+        for key in stale:
+            self._drop(key)
+        return len(stale)
+
+    def clear(self) -> None:
+        self.entries.clear()
+        self.bytes = 0
+
+    def stats(self) -> dict[str, Any]:
+        return {"entries": len(self.entries), "bytes": self.bytes, "max_bytes": self.max_bytes, "ttl_s": self.ttl_s,
+                "hits": self.hits, "misses": self.misses, "coalesced": self.coalesced,
+                "upstream_calls_saved": self.saved}
+
+
+class Flight:
+    """One upstream call that any number of identical requests are waiting on. Every message the relay
+    sends is kept, so a waiter that joins late still gets the whole answer from its first byte, live."""
+
+    def __init__(self, key: str, streamed: bool) -> None:
+        self.key = key
+        self.streamed = streamed
+        self.messages: list[Message] = []
+        self.done = False
+        self.error: HTTPError | None = None
+        self.waiters = 0
+        self.task: asyncio.Task[None] | None = None
+        self.node: Node | None = None
+        self.upstream_model: str | None = None
+        self._changed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    @classmethod
+    def replay(cls, result: Result) -> Flight:
+        """A finished flight rebuilt from the cache: readers replay it exactly as they would a live one."""
+        flight = cls("", result.streamed)
+        flight.messages = [{"type": "http.response.start", "status": result.status, "headers": result.headers}]
+        if result.streamed:
+            flight.messages += [{"type": "http.response.body", "body": c, "more_body": True} for c in result.chunks]
+            flight.messages.append({"type": "http.response.body", "body": b""})
+        else:
+            flight.messages.append({"type": "http.response.body", "body": b"".join(result.chunks)})
+        flight.done = True
+        return flight
+
+    async def sink(self, message: Message) -> None:
+        """The relay's `send`: keep the message and wake every waiter."""
+        self.messages.append(message)
+        self._wake()
+
+    def finish(self, error: HTTPError | None = None) -> None:
+        self.done, self.error = True, error
+        self._wake()
+
+    def _wake(self) -> None:
+        changed, self._changed = self._changed, asyncio.get_running_loop().create_future()
+        changed.set_result(None)
+
+    async def changed(self) -> None:
+        await asyncio.shield(self._changed)
+
+    def result(self) -> Result | None:
+        """The whole answer, if it completed cleanly (a 200 with no error frame)."""
+        if self.error or not self.messages or self.messages[0].get("status") != 200:
+            return None
+        start, body = self.messages[0], [m.get("body", b"") for m in self.messages[1:]]
+        return Result(200, list(start["headers"]), [c for c in body if c], self.streamed)
+
+
+# OpenAI and Anthropic answers convert between one JSON body and an event stream, so a streaming and a
+# non-streaming twin can share one upstream call and one cache entry.
+
+
+def _sse_payloads(chunks: Iterable[bytes]) -> list[tuple[str | None, Any]]:
+    events: list[tuple[str | None, Any]] = []
+    for frame in b"".join(chunks).split(b"\n\n"):
+        name, data = None, None
+        for line in frame.split(b"\n"):
+            if line.startswith(b"event:"):
+                name = line[6:].strip().decode()
+            elif line.startswith(b"data:") and line[5:].strip() != b"[DONE]":
+                with contextlib.suppress(ValueError):
+                    data = json.loads(line[5:])
+        if data is not None:
+            events.append((name, data))
+    return events
+
+
+def stream_to_json(path: str, chunks: Iterable[bytes]) -> bytes:
+    events = _sse_payloads(chunks)
+    if path == "/v1/messages":
+        return json.dumps(_anthropic_from_events(events)).encode()
+    return json.dumps(_openai_from_chunks(path, [data for _, data in events])).encode()
+
+
+def _openai_from_chunks(path: str, chunks: list[dict[str, Any]]) -> dict[str, Any]:
+    first = chunks[0] if chunks else {}
+    choices: dict[int, dict[str, Any]] = {}
+    usage = None
+    for chunk in chunks:
+        usage = chunk.get("usage") or usage
+        for choice in chunk.get("choices") or []:
+            slot = choices.setdefault(choice.get("index", 0), {"text": [], "role": "assistant", "tools": {}, "finish": None})
+            slot["finish"] = choice.get("finish_reason") or slot["finish"]
+            if path == "/v1/completions":
+                slot["text"].append(choice.get("text") or "")
+                continue
+            delta = choice.get("delta") or {}
+            slot["role"] = delta.get("role") or slot["role"]
+            slot["text"].append(delta.get("content") or "")
+            for call in delta.get("tool_calls") or []:
+                tool = slot["tools"].setdefault(call.get("index", 0), {"id": None, "type": "function",
+                                                                       "function": {"name": "", "arguments": ""}})
+                tool["id"] = call.get("id") or tool["id"]
+                fn = call.get("function") or {}
+                tool["function"]["name"] += fn.get("name") or ""
+                tool["function"]["arguments"] += fn.get("arguments") or ""
+    out_choices = []
+    for index, slot in sorted(choices.items()):
+        if path == "/v1/completions":
+            out_choices.append({"index": index, "text": "".join(slot["text"]), "logprobs": None, "finish_reason": slot["finish"]})
+            continue
+        message: dict[str, Any] = {"role": slot["role"], "content": "".join(slot["text"])}
+        if slot["tools"]:
+            message["tool_calls"] = [t for _, t in sorted(slot["tools"].items())]
+        out_choices.append({"index": index, "message": message, "logprobs": None, "finish_reason": slot["finish"]})
+    body: dict[str, Any] = {"id": first.get("id"), "object": "text_completion" if path == "/v1/completions" else "chat.completion",
+                            "created": first.get("created"), "model": first.get("model"), "choices": out_choices}
+    if first.get("system_fingerprint"):
+        body["system_fingerprint"] = first["system_fingerprint"]
+    if usage:
+        body["usage"] = usage
+    return body
+
+
+def _anthropic_from_events(events: list[tuple[str | None, Any]]) -> dict[str, Any]:
+    message: dict[str, Any] = {}
+    blocks: dict[int, dict[str, Any]] = {}
+    partial: dict[int, str] = {}
+    for _, data in events:
+        kind = data.get("type")
+        if kind == "message_start":
+            message = dict(data.get("message") or {})
+        elif kind == "content_block_start":
+            blocks[data.get("index", 0)] = dict(data.get("content_block") or {})
+        elif kind == "content_block_delta":
+            delta, index = data.get("delta") or {}, data.get("index", 0)
+            block = blocks.setdefault(index, {"type": "text", "text": ""})
+            if delta.get("type") == "text_delta":
+                block["text"] = block.get("text", "") + delta.get("text", "")
+            elif delta.get("type") == "input_json_delta":
+                partial[index] = partial.get(index, "") + delta.get("partial_json", "")
+        elif kind == "message_delta":
+            message.update({k: v for k, v in (data.get("delta") or {}).items()})
+            message["usage"] = {**(message.get("usage") or {}), **(data.get("usage") or {})}
+    for index, text in partial.items():
+        with contextlib.suppress(ValueError):
+            blocks[index]["input"] = json.loads(text) if text else {}
+    message["content"] = [b for _, b in sorted(blocks.items())]
+    return message
+
+
+def json_to_stream(path: str, body: bytes, include_usage: bool) -> list[bytes]:
+    answer = json.loads(body)
+    if path == "/v1/messages":
+        return _anthropic_events(answer)
+    return _openai_stream(path, answer, include_usage)
+
+
+def _sse(data: Any, event: str | None = None) -> bytes:
+    prefix = f"event: {event}\n" if event else ""
+    return f"{prefix}data: {json.dumps(data)}\n\n".encode()
+
+
+def _openai_stream(path: str, answer: dict[str, Any], include_usage: bool) -> list[bytes]:
+    base = {k: answer.get(k) for k in ("id", "created", "model") if k in answer}
+    if "system_fingerprint" in answer:
+        base["system_fingerprint"] = answer["system_fingerprint"]
+    completions = path == "/v1/completions"
+    base["object"] = "text_completion" if completions else "chat.completion.chunk"
+    frames = []
+    for choice in answer.get("choices") or []:
+        index = choice.get("index", 0)
+        if completions:
+            frames.append(_sse({**base, "choices": [{"index": index, "text": choice.get("text", ""), "finish_reason": None}]}))
+        else:
+            message = choice.get("message") or {}
+            delta = {"role": message.get("role", "assistant"), "content": message.get("content")}
+            if message.get("tool_calls"):
+                delta["tool_calls"] = [{"index": i, **call} for i, call in enumerate(message["tool_calls"])]
+            frames.append(_sse({**base, "choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": None}]}))
+        end = {"index": index, "finish_reason": choice.get("finish_reason")}
+        end |= {"text": ""} if completions else {"delta": {}, "logprobs": None}
+        frames.append(_sse({**base, "choices": [end]}))
+    if include_usage and answer.get("usage"):
+        frames.append(_sse({**base, "choices": [], "usage": answer["usage"]}))
+    frames.append(b"data: [DONE]\n\n")
+    return frames
+
+
+def _anthropic_events(answer: dict[str, Any]) -> list[bytes]:
+    usage = answer.get("usage") or {}
+    start = {**answer, "content": [], "stop_reason": None, "stop_sequence": None,
+             "usage": {**usage, "output_tokens": 0}}
+    frames = [_sse({"type": "message_start", "message": start}, "message_start")]
+    for index, block in enumerate(answer.get("content") or []):
+        if block.get("type") == "tool_use":
+            opening = {**block, "input": {}}
+            delta = {"type": "input_json_delta", "partial_json": json.dumps(block.get("input") or {})}
+        else:
+            opening = {**block, "text": ""}
+            delta = {"type": "text_delta", "text": block.get("text", "")}
+        frames += [
+            _sse({"type": "content_block_start", "index": index, "content_block": opening}, "content_block_start"),
+            _sse({"type": "content_block_delta", "index": index, "delta": delta}, "content_block_delta"),
+            _sse({"type": "content_block_stop", "index": index}, "content_block_stop"),
+        ]
+    frames += [
+        _sse({"type": "message_delta", "delta": {"stop_reason": answer.get("stop_reason"),
+                                                 "stop_sequence": answer.get("stop_sequence")},
+              "usage": {"output_tokens": usage.get("output_tokens", 0)}}, "message_delta"),
+        _sse({"type": "message_stop"}, "message_stop"),
+    ]
+    return frames
+
+
+def strip_usage_frames(chunks: Iterable[bytes]) -> list[bytes]:
+    strip = UsageFrameFilter()
+    out = [strip.feed(c) for c in chunks]
+    return [c for c in [*out, strip.flush()] if c]
+
+
 # ── gateway: the data plane; a lean ASGI path from client to node and back, streams relayed as they come ─
 
 
@@ -1829,7 +2157,11 @@ class Call:
     __slots__ = (
         "aborted",
         "body",
+        "cache_status",
+        "cacheable",
         "client",
+        "client_usage",
+        "coalescable",
         "error",
         "failovers",
         "finished",
@@ -1848,9 +2180,11 @@ class Call:
         "quotas",
         "request_id",
         "session",
+        "shared",
         "started",
         "status",
         "strategy",
+        "stream",
         "surface",
         "upstream_model",
     )
@@ -1883,6 +2217,21 @@ class Call:
         self.meter = UsageMeter()
         self.inject_usage = False
         self.aborted: str | None = None
+        self.stream = False  # the client asked for a stream
+        self.client_usage = False  # the client asked for usage in its stream
+        self.cacheable = self.coalescable = False
+        self.shared = False  # this call feeds a flight that several clients may read
+        self.cache_status = "bypass"
+
+    def fork(self, request_id: str) -> Call:
+        """A call of the gateway's own, for an upstream request that outlives any one client."""
+        twin = object.__new__(Call)
+        for name in Call.__slots__:
+            setattr(twin, name, getattr(self, name))
+        twin.request_id, twin.meter, twin.shared, twin.quotas = request_id, UsageMeter(), True, []
+        twin.gone = twin.finished = False
+        twin.node, twin.status, twin.error, twin.first_byte_s = None, 0, None, None
+        return twin
 
     def header(self, name: bytes) -> str | None:
         for key, value in self.headers:
@@ -1902,7 +2251,7 @@ class Call:
             "latency_ms": round((time.perf_counter() - self.started) * 1000, 2),
             "ttfb_ms": None if self.first_byte_s is None else round(self.first_byte_s * 1000, 2),
             "error": self.error, "strategy": self.strategy, "failovers": self.failovers,
-            "key": self.principal.key_id if self.principal else None,
+            "key": self.principal.key_id if self.principal else None, "cache": self.cache_status,
             "prompt_tokens": self.meter.prompt, "completion_tokens": self.meter.completion,
         }
 
@@ -1936,7 +2285,10 @@ class Gateway:
             plan = self.plan(call)
             call.quotas = policy.admit(call.principal)
             self.app.active[call] = asyncio.current_task()  # type: ignore[assignment]
-            await self.relay_with_watch(call, plan, receive, send)
+            if call.cacheable or call.coalescable:
+                await self.app.sharing.serve(call, plan, receive, send)
+            else:
+                await self.relay_with_watch(call, plan, receive, send)
         except HTTPError as exc:
             call.status, call.error = exc.status, exc.code
             if exc.status in (401, 403):
@@ -2010,10 +2362,20 @@ class Gateway:
             if not plan.targets:
                 raise unavailable(f"No node of realm `{call.principal.realm.name}` can serve `{model}` right now.")
         call.strategy = plan.strategy
-        call.inject_usage = kind in ("chat", "completion") and payload.get("stream") is True and not (
-            isinstance(payload.get("stream_options"), dict) and payload["stream_options"].get("include_usage")
-        )
+        call.stream = payload.get("stream") is True
+        call.client_usage = isinstance(payload.get("stream_options"), dict) and bool(
+            payload["stream_options"].get("include_usage"))
+        call.inject_usage = kind in ("chat", "completion") and call.stream and not call.client_usage
+        if call.path in CACHE_PATHS and options.get("cache") is not False and not self._no_store(call):
+            sure = deterministic(call.path, payload)
+            call.cacheable = sure or options.get("cache") is True
+            call.coalescable = sure or options.get("coalesce") is True
         return plan
+
+    @staticmethod
+    def _no_store(call: Call) -> bool:
+        value = call.header(b"cache-control")
+        return value is not None and "no-store" in value.lower()
 
     def upstream_body(self, call: Call, target: Target) -> bytes:
         """The client's bytes, untouched, unless the model name or the `vampire` field must change."""
@@ -2045,6 +2407,10 @@ class Gateway:
 
     async def relay_with_watch(self, call: Call, plan: Plan, receive: Receive, send: Send) -> None:
         """Relay, cancelling the upstream request at once if the client goes away meanwhile."""
+        await self.watching(call, receive, self.relay(call, plan, send))
+
+    async def watching(self, call: Call, receive: Receive, work: Awaitable[None]) -> None:
+        """Run `work` for this client; if the client disconnects meanwhile, cancel it at once."""
         task = asyncio.current_task()
         watcher = asyncio.ensure_future(receive())
 
@@ -2055,7 +2421,7 @@ class Gateway:
 
         watcher.add_done_callback(on_disconnect)
         try:
-            await self.relay(call, plan, send)
+            await work
         except asyncio.CancelledError:
             if task is None or not (call.gone or call.aborted):
                 raise
@@ -2168,6 +2534,7 @@ class Gateway:
             (b"x-vampire-model", target.upstream_model.encode()),
             (b"x-vampire-request-id", call.request_id.encode()),
             (b"x-vampire-strategy", (call.strategy or "auto").encode()),
+            (b"x-vampire-cache", call.cache_status.encode()),
         ]
         return headers
 
@@ -2209,7 +2576,7 @@ class Gateway:
             raise UpstreamFailed(_describe_error(exc)) from None
         self.observe_first_byte(call, target)
         self.note_response_id(call, target, first)
-        meter, strip = call.meter, UsageFrameFilter() if call.inject_usage else None
+        meter, strip = call.meter, UsageFrameFilter() if call.inject_usage and not call.shared else None
         meter.feed(first)
         call.status = resp.status
         await send({"type": "http.response.start", "status": resp.status, "headers": headers})
@@ -2307,6 +2674,142 @@ async def send_json(send: Send, status: int, body: Any, extra: Sequence[tuple[by
     await send({"type": "http.response.body", "body": data})
 
 
+class Sharing:
+    """Cache hits, and flights that several identical requests read: the gateway's de-duplication."""
+
+    def __init__(self, app: App) -> None:
+        self.app = app
+        self.gateway = app.gateway
+        self.cache = ResultCache(app.settings.cache_max_bytes, app.settings.cache_ttl_s)
+        self.flights: dict[str, Flight] = {}
+
+    async def serve(self, call: Call, plan: Plan, receive: Receive, send: Send) -> None:
+        assert call.principal is not None and call.payload is not None
+        realm = call.principal.realm.name
+        canonical = canonical_request(call.path, call.payload)
+        if call.cacheable:
+            for target in plan.targets:
+                result = self.cache.get(cache_key(realm, canonical, target.model.fingerprint(target.node)))
+                if result is not None:
+                    self.cache.hits += 1
+                    self.cache.saved += 1
+                    call.node, call.upstream_model, call.cache_status = target.node, target.upstream_model, "hit"
+                    await self.deliver(call, Flight.replay(result), receive, send)
+                    return
+            self.cache.misses += 1
+        key = f"{realm}|{canonical}|{call.model}"
+        flight = self.flights.get(key) if call.coalescable else None
+        if flight is None:
+            flight = self.launch(call, plan, key, realm, canonical)
+            call.cache_status = "miss"
+        else:
+            self.cache.coalesced += 1
+            self.cache.saved += 1
+            call.cache_status = "coalesced"
+        await self.deliver(call, flight, receive, send)
+
+    def launch(self, call: Call, plan: Plan, key: str, realm: str, canonical: str) -> Flight:
+        flight = Flight(key, call.stream)
+        shared = call.fork(self.gateway.next_request_id())
+        if call.coalescable:
+            self.flights[key] = flight
+        flight.task = asyncio.get_running_loop().create_task(self.fly(flight, shared, plan, realm, canonical))
+        return flight
+
+    async def fly(self, flight: Flight, shared: Call, plan: Plan, realm: str, canonical: str) -> None:
+        """The one upstream call: the ordinary relay (failover, admission, metering), into the flight."""
+        error: HTTPError | None = None
+        try:
+            await self.gateway.relay(shared, plan, flight.sink)
+        except HTTPError as exc:
+            error = exc
+        except asyncio.CancelledError:
+            error = unavailable("Every client waiting for this answer has gone.", "cancelled")
+        except Exception:
+            log.exception("shared request %s failed", shared.request_id)
+            error = HTTPError(500, "Internal gateway error.", "internal_error")
+        finally:
+            if self.flights.get(flight.key) is flight:
+                del self.flights[flight.key]
+            flight.node, flight.upstream_model = shared.node, shared.upstream_model
+            flight.finish(error)
+        result = flight.result() if shared.error is None and error is None else None
+        if result is not None and shared.cacheable and shared.node is not None:
+            model = next((m for m in shared.node.models if m.id == shared.upstream_model), None)
+            if model is not None:
+                result.fingerprint = model.fingerprint(shared.node)
+                self.cache.put(cache_key(realm, canonical, result.fingerprint), result)
+
+    async def deliver(self, call: Call, flight: Flight, receive: Receive, send: Send) -> None:
+        flight.waiters += 1
+        try:
+            await self.gateway.watching(call, receive, self.read(call, flight, send))
+        finally:
+            flight.waiters -= 1
+            if flight.waiters == 0 and not flight.done and flight.task is not None:
+                flight.task.cancel()  # nobody is left to read the answer: stop the node generating it
+
+    async def read(self, call: Call, flight: Flight, send: Send) -> None:
+        convert = call.path != "/v1/embeddings" and call.stream != flight.streamed
+        if convert:
+            while not flight.done:
+                await flight.changed()
+        index, strip = 0, UsageFrameFilter() if call.stream and not call.client_usage else None
+        while True:
+            while index < len(flight.messages):
+                message = flight.messages[index]
+                index += 1
+                if message["type"] == "http.response.start":
+                    if convert:
+                        await self.send_converted(call, flight, message, send)
+                        return
+                    await send(self.restart(call, flight, message))
+                    continue
+                body = message.get("body", b"")
+                call.meter.feed(body)
+                if strip is not None:
+                    body = strip.feed(body) + (b"" if message.get("more_body") else strip.flush())
+                call.finished = not message.get("more_body", False)
+                await send({**message, "body": body})
+                if call.finished:
+                    return
+            if flight.done:
+                if flight.error is not None and not call.status:
+                    raise flight.error
+                return
+            await flight.changed()
+
+    def restart(self, call: Call, flight: Flight, start: Message) -> Message:
+        """The flight's response head, made this client's own: its request id and its cache outcome."""
+        call.status, call.node, call.upstream_model = start["status"], flight.node, flight.upstream_model
+        headers = [(k, v) for k, v in start["headers"] if k not in (b"x-vampire-request-id", b"x-vampire-cache")]
+        headers += [(b"x-vampire-request-id", call.request_id.encode()), (b"x-vampire-cache", call.cache_status.encode())]
+        return {**start, "headers": headers}
+
+    async def send_converted(self, call: Call, flight: Flight, start: Message, send: Send) -> None:
+        """A streaming twin of a JSON answer, or a JSON twin of a streamed one."""
+        chunks = [m.get("body", b"") for m in flight.messages[1:]]
+        if start["status"] != 200:
+            body = b"".join(chunks)
+            frames = [body]
+            content_type = dict(start["headers"]).get(b"content-type", b"application/json")
+        elif call.stream:
+            frames = json_to_stream(call.path, b"".join(chunks), call.client_usage)
+            content_type = b"text/event-stream"
+        else:
+            frames = [stream_to_json(call.path, chunks)]
+            content_type = b"application/json"
+        for frame in frames:
+            call.meter.feed(frame)
+        head = self.restart(call, flight, start)
+        keep = [(k, v) for k, v in head["headers"] if k not in (b"content-type", b"content-length")]
+        body = b"".join(frames)
+        head["headers"] = [*keep, (b"content-type", content_type), (b"content-length", str(len(body)).encode())]
+        call.finished = True
+        await send(head)
+        await send({"type": "http.response.body", "body": body})
+
+
 # ── control plane: /vampire/v1/* for people and tools; Starlette, since none of it is a hot path ──────
 
 
@@ -2355,6 +2858,8 @@ class ControlPlane:
             routing.Route(f"{p}/share", self.get_share, methods=["GET"]),
             routing.Route(f"{p}/share", self.put_share, methods=["PUT"]),
             routing.Route(f"{p}/usage", self.usage),
+            routing.Route(f"{p}/cache", self.cache_stats, methods=["GET"]),
+            routing.Route(f"{p}/cache", self.cache_clear, methods=["DELETE"]),
             routing.Route(f"{p}/audit", self.audit),
             routing.Route(f"{p}/events", self.events),
             routing.Route("/", self.dashboard),
@@ -2616,6 +3121,18 @@ class ControlPlane:
         totals = {k: sum(row[k] or 0 for row in data) for k in ("requests", "prompt_tokens", "completion_tokens")}
         return JSONResponse({"object": "list", "group_by": group_by, "data": data, "totals": totals})
 
+    async def cache_stats(self, request: Request) -> Response:
+        if denied := self.denied(request):
+            return denied
+        return JSONResponse(self.app.sharing.cache.stats())
+
+    async def cache_clear(self, request: Request) -> Response:
+        if denied := self.denied(request):
+            return denied
+        self.app.sharing.cache.clear()
+        self.app.audit("cache.clear", request)
+        return JSONResponse(self.app.sharing.cache.stats())
+
     async def audit(self, request: Request) -> Response:
         if denied := self.denied(request):
             return denied
@@ -2712,6 +3229,8 @@ class App:
         self.active: dict[Call, asyncio.Task[Any]] = {}  # data-plane requests in flight, for `share off`
         self.gateway = Gateway(self)
         self.control = ControlPlane(self)
+        self.sharing = Sharing(self)
+        self.registry.on_fingerprints_changed = self.sharing.cache.invalidate
         self.demo_nodes: list[Any] = []
         self._tasks: list[asyncio.Task[Any]] = []
         self.starlette = Starlette(
@@ -6516,6 +7035,14 @@ def cmd_usage(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cache(args: argparse.Namespace) -> int:
+    client = GatewayClient(load_settings(args), args.url)
+    stats = client.call("DELETE" if args.action == "clear" else "GET", "/vampire/v1/cache")
+    for key, value in stats.items():
+        print(f"{key:21} {value}")
+    return 0
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     rows = GatewayClient(load_settings(args), args.url).call("GET", "/vampire/v1/models")["data"]
     print_table(
@@ -6670,6 +7197,10 @@ def build_parser() -> argparse.ArgumentParser:
     usage.add_argument("--group-by", default="model", choices=["key", "model", "node", "realm", "day"])
     usage.add_argument("--since", help="ISO date or time")
     usage.add_argument("--url", help="gateway URL (default from settings)")
+
+    cache = command("cache", cmd_cache, "show or clear the result cache")
+    cache.add_argument("action", choices=["stats", "clear"])
+    cache.add_argument("--url", help="gateway URL (default from settings)")
 
     disc = command("discover", cmd_discover, "scan private networks for LM Studio / Ollama nodes")
     disc.add_argument("--subnet", action="append", help="CIDR to scan (repeatable; default 127.0.0.0/24)")
