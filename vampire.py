@@ -12,6 +12,8 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import functools
+import gc
 import getpass
 import hashlib
 import hmac
@@ -73,6 +75,7 @@ DEFAULT_PORT = 7777
 LMSTUDIO_PORT = 1234
 OLLAMA_PORT = 11434
 SHARE_MODES = ("off", "local", "lan", "keys")
+DEFAULT_SLOTS = 4  # LM Studio's own default for API and JIT loads
 
 
 @dataclass
@@ -90,6 +93,7 @@ class Settings:
     probe_timeout_s: float = 3.0
     queue_max: int = 256
     queue_timeout_s: float = 30.0
+    default_slots: int = DEFAULT_SLOTS  # concurrent requests per model on nodes that do not report their own
     trusted_networks: list[str] = field(default_factory=lambda: ["127.0.0.0/8", "::1/128"])
     share: str = "local"
     max_body_bytes: int = 32 * 1024 * 1024
@@ -158,6 +162,7 @@ _ENV_NAMES = {
     "VAMPIRE_FIRST_BYTE_TIMEOUT_S": "first_byte_timeout_s",
     "VAMPIRE_QUEUE_MAX": "queue_max",
     "VAMPIRE_QUEUE_TIMEOUT_S": "queue_timeout_s",
+    "VAMPIRE_DEFAULT_SLOTS": "default_slots",
     "VAMPIRE_TRUSTED_NETWORKS": "trusted_networks",
     "VAMPIRE_SHARE": "share",
     "VAMPIRE_MAX_BODY_BYTES": "max_body_bytes",
@@ -329,8 +334,17 @@ class Store:
         self.db.execute("DELETE FROM keys WHERE id = ?", (key_id,))
 
     def add_usage(self, rows: list[tuple[Any, ...]]) -> None:
-        with self.db:
-            self.db.executemany("INSERT INTO usage VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+        self._insert_batch("INSERT INTO usage VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+
+    def _insert_batch(self, sql: str, rows: list[tuple[Any, ...]]) -> None:
+        # One transaction per batch: in autocommit mode every row would be a commit of its own.
+        self.db.execute("BEGIN")
+        try:
+            self.db.executemany(sql, rows)
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
 
     USAGE_GROUPS = {"key": "COALESCE(key_id, '-')", "model": "model", "node": "COALESCE(node, '-')",
                     "realm": "realm", "day": "date(time, 'unixepoch')"}
@@ -344,8 +358,7 @@ class Store:
         return [{"group": r[0], "requests": r[1], "prompt_tokens": r[2], "completion_tokens": r[3]} for r in rows]
 
     def add_audit(self, rows: list[tuple[Any, ...]]) -> None:
-        with self.db:
-            self.db.executemany("INSERT INTO audit VALUES (?, ?, ?, ?, ?)", rows)
+        self._insert_batch("INSERT INTO audit VALUES (?, ?, ?, ?, ?)", rows)
 
     def audit(self, limit: int = 200) -> list[dict[str, Any]]:
         rows = self.db.execute("SELECT * FROM audit ORDER BY time DESC LIMIT ?", (limit,)).fetchall()
@@ -366,7 +379,6 @@ class Store:
 
 
 MODEL_TYPES = ("llm", "vlm", "embedding")
-DEFAULT_SLOTS = 4
 TIER_RE = re.compile(r"^vampire(\d{0,3})(?::.*)?$", re.DOTALL)
 
 
@@ -380,7 +392,7 @@ class ModelInfo:
     max_context_length: int | None = None
     capabilities: list[str] = field(default_factory=list)  # vision, tools, reasoning
     capabilities_known: bool = False  # only a node that reports capabilities can be held to them
-    slots: int = DEFAULT_SLOTS
+    slots: int = DEFAULT_SLOTS  # LM Studio 0.4 reports `parallel`; for other nodes, settings.default_slots
     format: str | None = None
     quantization: str | None = None
     size_bytes: int | None = None
@@ -840,6 +852,9 @@ class Registry:
         before = node.state
         now = time.time()
         if result.health == "online":
+            if not (result.kind == "lmstudio" and result.version and not result.version.startswith("0.3")):
+                for model in result.models:  # only LM Studio 0.4 tells; for the rest the owner's setting counts
+                    model.slots = self.settings.default_slots
             self._note_fingerprints(node, result)
             node.failures = node.auth_failures = 0
             node.health, node.kind, node.version, node.models = "online", result.kind, result.version, result.models
@@ -1211,6 +1226,7 @@ class Router:
         self._index: dict[str, list[Target]] = {}
         self._keys: dict[str, list[Target]] = {}
         self._built = -1
+        self._routable_nodes = 0
 
     # -- the index of routable (node, model) pairs, rebuilt only when the registry changed ------------
 
@@ -1224,10 +1240,16 @@ class Router:
                         index.setdefault(model.id, []).append(Target(node, model))
                         keys.setdefault(model.key, []).append(Target(node, model))
             self._index, self._keys, self._built = index, keys, self.registry.version
+            self._routable_nodes = sum(1 for n in self.registry.nodes.values() if n.routable)
         return self._index
 
     def model_ids(self) -> list[str]:
         return sorted(self.index())
+
+    def choice_of_nodes(self, model: str) -> bool:
+        """Whether stickiness can matter: more than one routable node, so a conversation could move."""
+        self.index()
+        return self._routable_nodes > 1
 
     # -- routes -----------------------------------------------------------------------------------------
 
@@ -1547,6 +1569,10 @@ class Quota:
         self.requests, self.tokens = SlidingWindow(), SlidingWindow()
         self.active = 0
 
+    @property
+    def limited(self) -> bool:
+        return self.rpm is not None or self.tpm is not None or self.max_concurrent is not None
+
     def refusal(self, now: float) -> tuple[str, int] | None:
         if self.max_concurrent is not None and self.active >= self.max_concurrent:
             return "too many concurrent requests", 1
@@ -1660,15 +1686,18 @@ class Policy:
 
     def admit(self, principal: Principal) -> list[Quota]:
         """Count one request against every quota that applies, or refuse with 429 and Retry-After."""
+        held = [q for q in self.quotas(principal) if q.limited]
+        if not held:
+            return held
         now = self.clock()
-        held = self.quotas(principal)
         for quota in held:
             refusal = quota.refusal(now)
             if refusal:
                 reason, wait = refusal
                 raise HTTPError(429, f"Rate limit: {reason}.", "rate_limit_exceeded", headers={"Retry-After": str(wait)})
         for quota in held:
-            quota.requests.add(now)
+            if quota.rpm is not None:
+                quota.requests.add(now)
             quota.active += 1
         return held
 
@@ -1676,7 +1705,8 @@ class Policy:
         now = self.clock()
         for quota in held:
             quota.active -= 1
-            quota.tokens.add(now, tokens)
+            if quota.tpm is not None:
+                quota.tokens.add(now, tokens)
 
     def allowed_nodes(self, principal: Principal) -> set[str] | None:
         return set(principal.realm.nodes) if principal.realm.nodes else None
@@ -2137,6 +2167,7 @@ def stream_error_frame(surface: str, content_type: bytes, message: str) -> bytes
 
 
 MID_STREAM_FAILURE = "upstream_failed_mid_stream"
+DISCONNECT_WATCH_AFTER_S = 0.05
 
 
 class ClientGone(Exception):
@@ -2352,7 +2383,9 @@ class Gateway:
         if strategy is not None and strategy not in STRATEGIES:
             raise HTTPError(400, f"Unknown strategy `{strategy}`; use one of {', '.join(STRATEGIES)}.",
                             "invalid_strategy", param="vampire.strategy")
-        call.session = call.header(b"x-vampire-session") or conversation_key(model, payload)
+        call.session = call.header(b"x-vampire-session") or (
+            conversation_key(model, payload) if self.router.choice_of_nodes(model) else None
+        )
         previous = payload.get("previous_response_id")
         plan = self.router.plan(model, needs_of(kind or "other", payload, call.body), strategy, call.session,
                                 previous if isinstance(previous, str) else None)
@@ -2410,16 +2443,22 @@ class Gateway:
         await self.watching(call, receive, self.relay(call, plan, send))
 
     async def watching(self, call: Call, receive: Receive, work: Awaitable[None]) -> None:
-        """Run `work` for this client; if the client disconnects meanwhile, cancel it at once."""
+        """Run `work` for this client; if the client disconnects meanwhile, cancel it at once. The watch
+        starts only once the work has taken a moment: quick answers never pay for the extra task."""
         task = asyncio.current_task()
-        watcher = asyncio.ensure_future(receive())
+        watcher: asyncio.Future[Message] | None = None
 
         def on_disconnect(_: Any) -> None:
             if not call.finished and task is not None:
                 call.gone = True
                 task.cancel()
 
-        watcher.add_done_callback(on_disconnect)
+        def watch() -> None:
+            nonlocal watcher
+            watcher = asyncio.ensure_future(receive())
+            watcher.add_done_callback(on_disconnect)
+
+        timer = asyncio.get_running_loop().call_later(DISCONNECT_WATCH_AFTER_S, watch)
         try:
             await work
         except asyncio.CancelledError:
@@ -2431,8 +2470,10 @@ class Gateway:
             if not call.status:  # nothing sent yet: an ordinary refusal
                 raise unavailable("The owner has stopped sharing for now.", "sharing_off", retry_after=60) from None
         finally:
-            watcher.remove_done_callback(on_disconnect)
-            watcher.cancel()
+            timer.cancel()
+            if watcher is not None:
+                watcher.remove_done_callback(on_disconnect)
+                watcher.cancel()
 
     async def relay(self, call: Call, plan: Plan, send: Send) -> None:
         """Try candidates in order until one answers. Full candidates are skipped; when every remaining
@@ -2696,11 +2737,11 @@ class Sharing:
                     call.node, call.upstream_model, call.cache_status = target.node, target.upstream_model, "hit"
                     await self.deliver(call, Flight.replay(result), receive, send)
                     return
-            self.cache.misses += 1
         key = f"{realm}|{canonical}|{call.model}"
         flight = self.flights.get(key) if call.coalescable else None
         if flight is None:
             flight = self.launch(call, plan, key, realm, canonical)
+            self.cache.misses += 1
             call.cache_status = "miss"
         else:
             self.cache.coalesced += 1
@@ -2819,6 +2860,7 @@ def api_error(
     return JSONResponse(json.loads(error_body("openai", status, message, code, param)), status_code=status, headers=headers)
 
 
+@functools.lru_cache(maxsize=4096)
 def is_loopback(host: str | None) -> bool:
     try:
         return host is not None and ipaddress.ip_address(host).is_loopback
@@ -3317,6 +3359,10 @@ class App:
             await self.find_local_nodes()
         loop = asyncio.get_running_loop()
         self._tasks += [loop.create_task(self.registry.refresh_forever()), loop.create_task(self.flush_forever())]
+        # Everything built so far lives as long as the process: keep the cyclic collector from walking it
+        # again and again under load (full collections otherwise stall requests for milliseconds).
+        gc.collect()
+        gc.freeze()
 
     async def flush_forever(self) -> None:
         while True:
@@ -6745,7 +6791,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     server = gateway_server(config)
     announce = print_banner(settings, server, args.open)
     try:
-        asyncio.run(serve_with_banner(server, announce))
+        # uvicorn's own loop choice (uvloop where installed): asyncio.run alone would use the slower default.
+        with asyncio.Runner(loop_factory=config.get_loop_factory()) as runner:
+            runner.run(serve_with_banner(server, announce))
     except KeyboardInterrupt:
         pass  # a second Ctrl-C (one-file builds forward SIGINT twice) ends the wait, not with a traceback
     return 0 if server.started or not server.should_exit else 1

@@ -60,10 +60,12 @@ class Gateway:
         self.port = free_port()
         self.data = Path(tempfile.mkdtemp(prefix="data-", dir=workdir))
         self.log = self.data / "smoke.log"
-        # A fresh data dir and (on Linux) config dir per start: nothing of the user's may leak in.
-        env = dict(
-            os.environ,
+        # A fresh data dir, settings file (which does not exist: defaults apply) and, on Linux, config dir
+        # per start; no VAMPIRE_* variable of the caller's: nothing of the user's may leak in.
+        env = {k: v for k, v in os.environ.items() if not k.startswith("VAMPIRE_")}
+        env.update(
             VAMPIRE_DATA_DIR=str(self.data),
+            VAMPIRE_CONFIG=str(self.data / "vampire.toml"),
             XDG_CONFIG_HOME=str(self.data / "config"),
             XDG_DATA_HOME=str(self.data / "share"),
         )
@@ -91,20 +93,36 @@ class Gateway:
             time.sleep(0.005)
         raise RuntimeError(f"/healthz did not answer within {timeout}s:\n{self.output()}")
 
-    def rss_mib(self) -> float | None:
-        """Resident memory of the process and its children (a one-file build runs two), Linux only."""
-        if not Path("/proc").is_dir():
-            return None
-        pids = [self.proc.pid]
+    def child_pids(self) -> list[int]:
+        """The direct children of the process (a one-file bootloader's is the gateway), Linux only."""
         children = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children")
         if children.exists():
-            pids += [int(p) for p in children.read_text().split()]
-        total = 0
-        for pid in pids:
+            return [int(p) for p in children.read_text().split()]
+        found: list[int] = []  # kernels without CONFIG_PROC_CHILDREN: scan for the parent pid
+        for status in Path("/proc").glob("[0-9]*/status"):
+            try:
+                text = status.read_text()
+            except OSError:
+                continue
+            if f"\nPPid:\t{self.proc.pid}\n" in text:
+                found.append(int(status.parent.name))
+        return found
+
+    def rss_by_pid(self) -> dict[int, float]:
+        """VmRSS in MiB of the process and of each of its children, Linux only (empty elsewhere)."""
+        if not Path("/proc").is_dir():
+            return {}
+        rss: dict[int, float] = {}
+        for pid in [self.proc.pid, *self.child_pids()]:
             for line in Path(f"/proc/{pid}/status").read_text().splitlines():
                 if line.startswith("VmRSS:"):
-                    total += int(line.split()[1])
-        return total / 1024
+                    rss[pid] = int(line.split()[1]) / 1024
+        return rss
+
+    def rss_mib(self) -> float | None:
+        """Resident memory of the process and its children (a one-file build runs two), Linux only."""
+        rss = self.rss_by_pid()
+        return sum(rss.values()) if rss else None
 
     def stop(self, how: Callable[[], None]) -> tuple[int | None, float]:
         """Send the signal(s) and wait; return (exit code or None if still running, seconds to exit)."""
