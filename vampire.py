@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import bisect
 import contextlib
 import dataclasses
 import functools
@@ -17,6 +18,7 @@ import gc
 import getpass
 import hashlib
 import hmac
+import importlib
 import ipaddress
 import json
 import logging
@@ -52,7 +54,6 @@ from xml.sax.saxutils import escape as xml_escape
 
 import aiohttp
 import platformdirs
-from aiohttp import web
 from starlette import routing
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -722,9 +723,14 @@ class EventBus:
         self.recent: deque[Event] = deque(maxlen=keep)
         self._subscribers: set[asyncio.Queue[Event]] = set()
 
+    @property
+    def listened(self) -> bool:
+        return bool(self._subscribers)
+
     def publish(self, kind: str, data: dict[str, Any]) -> None:
         event = Event(kind, data)
-        self.recent.append(event)
+        if kind != "request":  # node history is kept for late joiners; request traffic only goes live
+            self.recent.append(event)
         for queue in self._subscribers:
             if queue.qsize() < 1000:  # a stalled subscriber must not grow without bound
                 queue.put_nowait(event)
@@ -1738,13 +1744,14 @@ class UsageMeter:
         self.tail = b""
 
     def feed(self, data: bytes) -> None:
-        window = self.tail + data if self.tail else data
-        if b"_count" in window or b"tokens" in window:
+        seam = self.tail + data[:32]  # a key split across two chunks is still found
+        if b"tokens" in data or b"_count" in data or b"tokens" in seam or b"_count" in seam:
+            window = self.tail + data
             for match in self.PROMPT.finditer(window):
                 self.prompt = int(match.group(1))
             for match in self.COMPLETION.finditer(window):
                 self.completion = int(match.group(1))
-        self.tail = window[-200:]  # a count split across two chunks is still found
+        self.tail = data[-64:]
 
     @property
     def total(self) -> int:
@@ -1766,7 +1773,10 @@ class UsageFrameFilter:
         if cut < 0:
             self.pending = data
             return b""
-        complete, self.pending = data[: cut + 2], data[cut + 2:]
+        if cut + 2 == len(data):  # the usual case: whole frames, nothing held back, nothing copied
+            complete, self.pending = data, b""
+        else:
+            complete, self.pending = data[: cut + 2], data[cut + 2:]
         if b'"usage"' not in complete:
             return complete
         return b"".join(frame + b"\n\n" for frame in complete.split(b"\n\n")[:-1] if not _is_usage_frame(frame))
@@ -2275,11 +2285,10 @@ class Call:
             return f"{node.url}{self.path}?{self.query.decode('latin-1')}"
         return node.url + self.path
 
-    def summary(self) -> dict[str, Any]:
+    def summary(self, latency_ms: float) -> dict[str, Any]:
         return {
             "request_id": self.request_id, "method": self.method, "path": self.path, "model": self.model,
-            "node": self.node.id if self.node else None, "status": self.status,
-            "latency_ms": round((time.perf_counter() - self.started) * 1000, 2),
+            "node": self.node.id if self.node else None, "status": self.status, "latency_ms": latency_ms,
             "ttfb_ms": None if self.first_byte_s is None else round(self.first_byte_s * 1000, 2),
             "error": self.error, "strategy": self.strategy, "failovers": self.failovers,
             "key": self.principal.key_id if self.principal else None, "cache": self.cache_status,
@@ -2516,7 +2525,7 @@ class Gateway:
         try:
             status = await self.forward(call, target, send, last)
             verdict = True
-            if status < 400:
+            if cold and status < 400:
                 self.registry.mark_served(node, target.model.id)
             if (status >= 500 and status != 503) or call.error == MID_STREAM_FAILURE:
                 node.circuit.failure(time.monotonic())
@@ -2675,7 +2684,7 @@ class Gateway:
         requested = call.path[len("/v1/models/"):] if call.path.startswith("/v1/models/") else None
         if requested is not None:
             if requested not in models:
-                self.router._raise_unknown(requested)
+                self.router.raise_unknown(requested)
             body = models[requested]
         else:
             first = [models[AUTO_MODEL]] if AUTO_MODEL in models else []
@@ -2851,6 +2860,124 @@ class Sharing:
         await send({"type": "http.response.body", "body": body})
 
 
+# ── metrics: Prometheus text at /metrics, counted once per request with no locks and no libraries ─────
+
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+SURFACES = {
+    "/v1/chat/completions": "chat", "/v1/completions": "completions", "/v1/embeddings": "embeddings",
+    "/v1/responses": "responses", "/v1/messages": "messages",
+}
+NODE_STATES = ("online", "offline", "unauthorized", "draining", "disabled", "unknown")
+
+
+class Histogram:
+    """Cumulative buckets per label set, as Prometheus expects them."""
+
+    def __init__(self, buckets: Sequence[float]) -> None:
+        self.buckets = tuple(buckets)
+        self.series: dict[tuple[str, ...], list[float]] = {}  # counts per bucket, then +Inf count, then sum
+
+    def observe(self, labels: tuple[str, ...], value: float) -> None:
+        series = self.series.get(labels)
+        if series is None:
+            series = self.series[labels] = [0.0] * (len(self.buckets) + 2)
+        series[bisect.bisect_left(self.buckets, value)] += 1
+        series[-1] += value
+
+    def lines(self, name: str, label_names: tuple[str, ...]) -> Iterable[str]:
+        for labels, series in sorted(self.series.items()):
+            base = _labels(label_names, labels)
+            running = 0.0
+            for bound, count in zip((*self.buckets, math.inf), series[:-1], strict=True):
+                running += count
+                le = "+Inf" if bound == math.inf else repr(bound)
+                yield f"{name}_bucket{{{base}{',' if base else ''}le=\"{le}\"}} {running:g}"
+            yield f"{name}_sum{{{base}}} {series[-1]:g}"
+            yield f"{name}_count{{{base}}} {running:g}"
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _labels(names: tuple[str, ...], values: tuple[str, ...]) -> str:
+    return ",".join(f'{n}="{_escape(v)}"' for n, v in zip(names, values, strict=True))
+
+
+class Metrics:
+    """What happened, counted as it happens; what is, read from the live objects when scraped."""
+
+    def __init__(self) -> None:
+        self.requests: dict[tuple[str, str, str, str], int] = {}  # surface, model, node, status
+        self.tokens: dict[tuple[str, str], int] = {}  # direction, model
+        self.failovers = 0  # node attempts that failed before the first byte
+        self.latency = Histogram(LATENCY_BUCKETS)
+        self.ttft = Histogram(LATENCY_BUCKETS)
+
+    def count(self, call: Call, seconds: float) -> None:
+        surface = SURFACES.get(call.path, "models" if call.path.startswith("/v1/models") else "other")
+        model, node = call.model or "", call.node.id if call.node else ""
+        key = (surface, model, node, str(call.status))
+        self.requests[key] = self.requests.get(key, 0) + 1
+        self.latency.observe((surface,), seconds)
+        if call.first_byte_s is not None:
+            self.ttft.observe((surface,), call.first_byte_s)
+        for direction, amount in (("in", call.meter.prompt), ("out", call.meter.completion)):
+            if amount:
+                self.tokens[(direction, model)] = self.tokens.get((direction, model), 0) + amount
+        self.failovers += call.failovers
+
+    def render(self, app: App) -> str:
+        out: list[str] = []
+
+        def family(name: str, kind: str, help_text: str, rows: Iterable[str]) -> None:
+            out.extend((f"# HELP {name} {help_text}", f"# TYPE {name} {kind}", *rows))
+
+        family("vampire_requests_total", "counter", "Data-plane requests by surface, model, node and status.",
+               (f"vampire_requests_total{{{_labels(('surface', 'model', 'node', 'status'), k)}}} {v}"
+                for k, v in sorted(self.requests.items())))
+        family("vampire_request_duration_seconds", "histogram", "Time from request to last byte.",
+               self.latency.lines("vampire_request_duration_seconds", ("surface",)))
+        family("vampire_time_to_first_token_seconds", "histogram", "Time from request to the node's first byte.",
+               self.ttft.lines("vampire_time_to_first_token_seconds", ("surface",)))
+        family("vampire_tokens_total", "counter", "Tokens in (prompt) and out (completion) as the nodes reported them.",
+               (f"vampire_tokens_total{{{_labels(('direction', 'model'), k)}}} {v}" for k, v in sorted(self.tokens.items())))
+        family("vampire_failovers_total", "counter", "Node attempts that failed before the first byte, so another node answered.",
+               [f"vampire_failovers_total {self.failovers}"])
+        self._render_nodes(app, family)
+        self._render_cache(app, family)
+        return "\n".join(out) + "\n"
+
+    @staticmethod
+    def _render_nodes(app: App, family: Callable[[str, str, str, Iterable[str]], None]) -> None:
+        nodes = sorted(app.registry.nodes.values(), key=lambda n: n.id)
+        family("vampire_node_state", "gauge", "1 for the state each node is in.",
+               (f'vampire_node_state{{node="{_escape(n.id)}",state="{s}"}} {int(n.state == s)}'
+                for n in nodes for s in NODE_STATES))
+        family("vampire_node_in_flight", "gauge", "Requests in flight per node.",
+               (f'vampire_node_in_flight{{node="{_escape(n.id)}"}} {n.in_flight}' for n in nodes))
+        family("vampire_node_slots", "gauge", "Slots Vampire may use per node (loaded models' slots x tier).",
+               (f'vampire_node_slots{{node="{_escape(n.id)}"}} '
+                f'{sum(max(1, m.slots * n.tier // 100) for m in n.models if m.loaded)}' for n in nodes))
+        family("vampire_node_circuit_open", "gauge", "1 while a node's circuit breaker is open.",
+               (f'vampire_node_circuit_open{{node="{_escape(n.id)}"}} {int(n.circuit.state == "open")}' for n in nodes))
+        family("vampire_queue_depth", "gauge", "Requests waiting for a free slot.", [f"vampire_queue_depth {len(app.admission.waiters)}"])
+
+    @staticmethod
+    def _render_cache(app: App, family: Callable[[str, str, str, Iterable[str]], None]) -> None:
+        stats = app.sharing.cache.stats()
+        for name, key, kind, text in (
+            ("vampire_cache_hits_total", "hits", "counter", "Answers served from the cache."),
+            ("vampire_cache_misses_total", "misses", "counter", "Eligible requests that went upstream."),
+            ("vampire_coalesced_total", "coalesced", "counter", "Requests that joined an identical one in flight."),
+            ("vampire_upstream_calls_saved_total", "upstream_calls_saved", "counter", "Upstream calls avoided."),
+            ("vampire_cache_entries", "entries", "gauge", "Answers held in the cache."),
+            ("vampire_cache_bytes", "bytes", "gauge", "Bytes held in the cache."),
+        ):
+            family(name, kind, text, [f"{name} {stats[key]}"])
+
+
 # ── control plane: /vampire/v1/* for people and tools; Starlette, since none of it is a hot path ──────
 
 
@@ -2904,6 +3031,7 @@ class ControlPlane:
             routing.Route(f"{p}/cache", self.cache_clear, methods=["DELETE"]),
             routing.Route(f"{p}/audit", self.audit),
             routing.Route(f"{p}/events", self.events),
+            routing.Route("/metrics", self.metrics),
             routing.Route("/", self.dashboard),
         ]
 
@@ -3201,6 +3329,11 @@ class ControlPlane:
 
         return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-store"})
 
+    async def metrics(self, request: Request) -> Response:
+        if denied := self.denied(request):
+            return denied
+        return Response(self.app.metrics.render(self.app), media_type="text/plain; version=0.0.4; charset=utf-8")
+
     async def dashboard(self, request: Request) -> Response:
         # The page holds no data and no secrets; with an admin token set it must load so that it can ask
         # for the token, which then guards every call it makes. Without a token, loopback only.
@@ -3250,6 +3383,16 @@ async def _server_error(request: Request, exc: Exception) -> Response:
     return api_error(500, "Internal gateway error.", "internal_error")
 
 
+def release_free_memory() -> None:
+    """Hand memory freed during start-up back to the OS. `python vampire.py` compiles this whole file on
+    every start and glibc keeps the compiler's freed heap (~16 MiB) mapped unless asked to trim it."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
 # ── app: one gateway instance; several can live in one process (tests), nothing global ────────────────
 
 
@@ -3272,6 +3415,7 @@ class App:
         self.gateway = Gateway(self)
         self.control = ControlPlane(self)
         self.sharing = Sharing(self)
+        self.metrics = Metrics()
         self.registry.on_fingerprints_changed = self.sharing.cache.invalidate
         self.demo_nodes: list[Any] = []
         self._tasks: list[asyncio.Task[Any]] = []
@@ -3363,6 +3507,7 @@ class App:
         # again and again under load (full collections otherwise stall requests for milliseconds).
         gc.collect()
         gc.freeze()
+        release_free_memory()
 
     async def flush_forever(self) -> None:
         while True:
@@ -3416,17 +3561,22 @@ class App:
                 item.added = True
 
     def request_done(self, call: Call) -> None:
-        summary = call.summary()
-        self.events.publish("request", summary)
+        seconds = time.perf_counter() - call.started
+        self.metrics.count(call, seconds)
+        latency_ms = round(seconds * 1000, 2)
         if call.method == "POST" and call.model is not None:
             principal = call.principal
             self.ledger.record((
                 time.time(), call.request_id, principal.key_id if principal else None,
                 principal.realm.name if principal else None, call.model, call.node.id if call.node else None,
-                call.meter.prompt or 0, call.meter.completion or 0, summary["latency_ms"], call.status, call.surface,
+                call.meter.prompt or 0, call.meter.completion or 0, latency_ms, call.status, call.surface,
             ))
-        if log.isEnabledFor(logging.INFO):
-            log.info("request", extra={"fields": summary})
+        logged = log.isEnabledFor(logging.INFO)
+        if logged or self.events.listened:
+            summary = call.summary(latency_ms)
+            self.events.publish("request", summary)
+            if logged:
+                log.info("request", extra={"fields": summary})
 
     def audit(self, action: str, request: Request, **details: Any) -> None:
         """Admin actions: who, when, what, from where — ids and names only, never secrets or prompt text."""
@@ -4712,6 +4862,18 @@ footer{max-width:1240px;margin:0 auto;padding:4px 16px 24px;color:var(--muted);f
 # token; prompt tokens are the whitespace-separated words of every message's text plus 4 per message (raw
 # `prompt` strings count words only).
 
+class _LazyModule:
+    """A module imported on first use: only the emulator needs aiohttp's server half, and a gateway that
+    never runs one should not carry its memory."""
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+
+    def __getattr__(self, attr: str) -> Any:
+        return getattr(importlib.import_module(self._name), attr)
+
+
+web: Any = _LazyModule("aiohttp.web")
 _MOCK_FLAVORS = ("lmstudio", "ollama", "openai")
 _MOCK_TYPES = ("llm", "vlm", "embedding")
 _MOCK_SPEC_TYPES = {"llm": "llm", "vlm": "vlm", "embedding": "embedding", "embeddings": "embedding"}
@@ -5211,7 +5373,7 @@ class _MockTiming:
 
 
 # Quoted so the alias also works where postponed annotations are off (this section may be pasted elsewhere).
-_MockHandler = Callable[["_MockCall"], Awaitable[web.StreamResponse]]
+_MockHandler = Callable[["_MockCall"], Awaitable[Any]]  # returns an aiohttp.web.StreamResponse
 
 
 @dataclass(frozen=True)

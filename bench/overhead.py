@@ -46,7 +46,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 PATHS = ("direct", "ref_proxy", "gateway")
 CHAT_PATH = "/v1/chat/completions"
-DEFAULT_GATEWAY_CMD = "{python} vampire.py serve --host 127.0.0.1 --port {port} --node {upstream}"
+DEFAULT_GATEWAY_CMD = "{python} -m vampire serve --host 127.0.0.1 --port {port} --node {upstream}"
 READY_DEADLINE_S = 20.0
 
 TARGET_ADDED_P50_MS = 0.25
