@@ -639,7 +639,7 @@ CONTROL_BODIES: dict[str, st.SearchStrategy[tuple[str, str, Any]]] = {
 def test_every_known_route_takes_random_methods_headers_and_bodies(rig: Rig, template: str) -> None:
     allowed = sorted(ROUTES[template])
 
-    @fuzz(30)
+    @fuzz(25)
     @given(data=st.data(), method=mostly(st.sampled_from(allowed), st.sampled_from(METHODS)), headers=header_sets,
            body=bodies, query=queries)
     def run(data: st.DataObject, method: str, headers: dict[str, bytes], body: bytes, query: str) -> None:
@@ -652,7 +652,7 @@ def test_every_known_route_takes_random_methods_headers_and_bodies(rig: Rig, tem
 
 @pytest.mark.parametrize("path", DATA_PATHS)
 def test_data_plane_takes_plausible_but_wrong_requests(rig: Rig, path: str) -> None:
-    @fuzz(60)
+    @fuzz(50)
     @given(request=wrong_requests, headers=header_sets, query=queries)
     def run(request: dict[str, Any], headers: dict[str, bytes], query: str) -> None:
         exchange(rig, "POST", path + query, headers, to_json(request))
@@ -663,7 +663,7 @@ def test_data_plane_takes_plausible_but_wrong_requests(rig: Rig, path: str) -> N
 
 @pytest.mark.parametrize("path", DATA_PATHS)
 def test_data_plane_takes_malformed_bodies(rig: Rig, path: str) -> None:
-    @fuzz(40)
+    @fuzz(25)
     @given(body=bodies, headers=header_sets)
     def run(body: bytes, headers: dict[str, bytes]) -> None:
         exchange(rig, "POST", path, headers, body)
@@ -674,7 +674,7 @@ def test_data_plane_takes_malformed_bodies(rig: Rig, path: str) -> None:
 
 @pytest.mark.parametrize("prefix", ["/v1/", "/vampire/v1/", "/api/", "/vampire/", "/", "/V1/", "//v1/"])
 def test_random_paths_and_methods_under_every_prefix(rig: Rig, prefix: str) -> None:
-    @fuzz(30)
+    @fuzz(25)
     @given(segments=st.lists(path_segments, max_size=5), query=queries, method=st.sampled_from(METHODS),
            headers=header_sets, body=bodies)
     def run(segments: list[str], query: str, method: str, headers: dict[str, bytes], body: bytes) -> None:
@@ -686,7 +686,7 @@ def test_random_paths_and_methods_under_every_prefix(rig: Rig, prefix: str) -> N
 
 @pytest.mark.parametrize("endpoint", sorted(CONTROL_BODIES))
 def test_control_plane_takes_wrong_typed_fields(rig: Rig, endpoint: str) -> None:
-    @fuzz(50)
+    @fuzz(40)
     @given(request=CONTROL_BODIES[endpoint], headers=header_sets)
     def run(request: tuple[str, str, Any], headers: dict[str, bytes]) -> None:
         method, path, body = request
@@ -698,7 +698,7 @@ def test_control_plane_takes_wrong_typed_fields(rig: Rig, endpoint: str) -> None
 
 @pytest.mark.parametrize("endpoint", sorted(CONTROL_BODIES))
 def test_control_plane_takes_malformed_bodies(rig: Rig, endpoint: str) -> None:
-    @fuzz(20)
+    @fuzz(15)
     @given(request=CONTROL_BODIES[endpoint], body=bodies, headers=header_sets)
     def run(request: tuple[str, str, Any], body: bytes, headers: dict[str, bytes]) -> None:
         method, path, _ = request
@@ -710,7 +710,7 @@ def test_control_plane_takes_malformed_bodies(rig: Rig, endpoint: str) -> None:
 
 @pytest.mark.parametrize("path", ["/vampire/v1/routing/explain", "/vampire/v1/usage", "/v1/models", "/v1/models/{model}"])
 def test_queries_take_garbage(rig: Rig, path: str) -> None:
-    @fuzz(40)
+    @fuzz(30)
     @given(data=st.data(), query=queries, headers=header_sets)
     def run(data: st.DataObject, query: str, headers: dict[str, bytes]) -> None:
         filled = path.replace("{model}", data.draw(PARAMS["model"], label="model"))
@@ -718,3 +718,78 @@ def test_queries_take_garbage(rig: Rig, path: str) -> None:
 
     run()
     assert_intact(rig)
+
+
+# ── fixed inputs: every nasty body at every endpoint that reads one, and single tricky requests ──────────
+
+BODY_ENDPOINTS = [
+    *(("POST", path) for path in DATA_PATHS),
+    ("POST", "/vampire/v1/nodes"), ("PATCH", SPARE_PATH), ("POST", "/vampire/v1/discover"), ("POST", "/vampire/v1/routes"),
+    ("POST", "/vampire/v1/keys"), ("POST", "/vampire/v1/realms"), ("PUT", "/vampire/v1/share"),
+]
+
+
+@pytest.mark.parametrize(("method", "path"), BODY_ENDPOINTS, ids=[f"{m} {p}" for m, p in BODY_ENDPOINTS])
+def test_every_nasty_body_at_every_endpoint_that_reads_one(rig: Rig, method: str, path: str) -> None:
+    failures = []
+    for body in SPECIAL_BODIES:
+        try:
+            exchange(rig, method, path, {"content-type": b"application/json"}, body)
+        except AssertionError as exc:
+            failures.append(str(exc).splitlines()[0][:500])
+    assert not failures, "\n".join(failures)
+    assert_intact(rig)
+
+
+def fields(**values: Any) -> bytes:
+    return to_json(values)
+
+
+SURROGATE = "\ud800"  # a lone surrogate: valid in JSON (\\ud800), unencodable as UTF-8
+TRICKY = [
+    pytest.param("GET", "/v1/models/nope", b"", id="unknown-model-by-id"),
+    pytest.param("POST", "/v1/chat/completions", nested(5000), id="deeply-nested-chat"),
+    pytest.param("POST", "/vampire/v1/routes", b"[" * 5000, id="deeply-nested-control"),
+    pytest.param("POST", "/v1/chat/completions", fields(model=SURROGATE, messages=CHAT["messages"]), id="surrogate-model"),
+    pytest.param("POST", "/vampire/v1/nodes", fields(url="http://127.9.9.7:abc"), id="node-port-not-a-number"),
+    pytest.param("POST", "/vampire/v1/nodes", fields(url="http://127.9.9.7:70000"), id="node-port-out-of-range"),
+    pytest.param("POST", "/vampire/v1/nodes", fields(url="http://[::1"), id="node-url-open-bracket"),
+    pytest.param("POST", "/vampire/v1/nodes", fields(url="http://127.9.9.7:9", tags=5), id="node-tags-not-a-list"),
+    pytest.param("POST", "/vampire/v1/nodes", fields(url="http://127.9.9.7:9", token=SURROGATE), id="node-token-surrogate"),
+    pytest.param("PATCH", SPARE_PATH, fields(name=SURROGATE), id="node-rename-surrogate"),
+    pytest.param("PATCH", SPARE_PATH, fields(token=SURROGATE), id="node-token-change-surrogate"),
+    pytest.param("POST", "/vampire/v1/discover", fields(subnets=["127.0.0.0/30"], ports=[70000]), id="discover-port-out-of-range"),
+    pytest.param("POST", "/vampire/v1/discover", fields(subnets=["127.0.0.0/30"], ports=[-1]), id="discover-port-negative"),
+    pytest.param("POST", "/vampire/v1/discover", fields(subnets=["127.0.0.0/30"], ports=[True]), id="discover-port-boolean"),
+    pytest.param("POST", "/vampire/v1/discover", fields(subnets=["127.0.0.0/30"], ports=[9], timeout_ms="abc"),
+                 id="discover-timeout-text"),
+    pytest.param("POST", "/vampire/v1/discover", fields(subnets=["127.0.0.0/30"], ports=[9], timeout_ms=None),
+                 id="discover-timeout-null"),
+    pytest.param("POST", "/vampire/v1/keys", fields(name=SURROGATE), id="key-name-surrogate"),
+    pytest.param("POST", "/vampire/v1/keys", fields(name="k", models=[SURROGATE]), id="key-model-surrogate"),
+    pytest.param("POST", "/vampire/v1/keys", b'{"name": "k", "expires_at": NaN}', id="key-expiry-nan"),
+    pytest.param("POST", "/vampire/v1/keys", b'{"name": "k", "expires_at": 1e400}', id="key-expiry-infinite"),
+    pytest.param("POST", "/vampire/v1/realms", fields(name="r", models=[SURROGATE]), id="realm-model-surrogate"),
+    pytest.param("POST", "/vampire/v1/realms", fields(name="r", nodes=[SURROGATE]), id="realm-node-surrogate"),
+    pytest.param("POST", "/vampire/v1/routes", fields(id=SURROGATE, targets=[{"model": "m"}]), id="route-id-surrogate"),
+    pytest.param("POST", "/vampire/v1/routes", fields(id="r", targets=[{"model": SURROGATE}]), id="route-target-surrogate"),
+    pytest.param("POST", "/vampire/v1/routes", fields(id="r", targets=[{"model": "m"}], fallback=SURROGATE),
+                 id="route-fallback-surrogate"),
+]
+
+
+@pytest.mark.parametrize(("method", "path", "body"), TRICKY)
+def test_tricky_request(rig: Rig, method: str, path: str, body: bytes) -> None:
+    exchange(rig, method, path, {"content-type": b"application/json"}, body)
+
+
+def test_head_of_the_event_stream_frees_its_connection(rig: Rig) -> None:
+    """HEAD has no body: the answer is complete after its head, and the connection serves the next request."""
+    with httpx.Client(timeout=5.0, limits=httpx.Limits(max_connections=1)) as one:
+        assert one.head(rig.url("/vampire/v1/events")).status_code == 200
+        try:
+            status = one.get(rig.url("/vampire/v1/status")).status_code
+        except httpx.TimeoutException:
+            status = None
+    assert status == 200, "the connection hangs after HEAD /vampire/v1/events"
+    wait_until(lambda: idle(rig))
