@@ -3006,35 +3006,44 @@ class ControlPlane:
     def routes(self) -> list[routing.Route]:
         p = "/vampire/v1"
         return [
-            routing.Route(f"{p}/status", self.status),
-            routing.Route(f"{p}/nodes", self.list_nodes, methods=["GET"]),
-            routing.Route(f"{p}/nodes", self.add_node, methods=["POST"]),
-            routing.Route(f"{p}/nodes/{{node_id:str}}", self.get_node, methods=["GET"]),
-            routing.Route(f"{p}/nodes/{{node_id:str}}", self.patch_node, methods=["PATCH"]),
-            routing.Route(f"{p}/nodes/{{node_id:str}}", self.delete_node, methods=["DELETE"]),
-            routing.Route(f"{p}/nodes/{{node_id:str}}/probe", self.probe_node, methods=["POST"]),
-            routing.Route(f"{p}/models", self.models),
-            routing.Route(f"{p}/discover", self.discover, methods=["POST"]),
-            routing.Route(f"{p}/routes", self.list_routes, methods=["GET"]),
-            routing.Route(f"{p}/routes", self.save_route, methods=["POST"]),
-            routing.Route(f"{p}/routes/{{route_id:str}}", self.get_route, methods=["GET"]),
-            routing.Route(f"{p}/routes/{{route_id:str}}", self.delete_route, methods=["DELETE"]),
-            routing.Route(f"{p}/routing/explain", self.explain),
-            routing.Route(f"{p}/keys", self.list_keys, methods=["GET"]),
-            routing.Route(f"{p}/keys", self.create_key, methods=["POST"]),
-            routing.Route(f"{p}/keys/{{key_id:str}}", self.revoke_key, methods=["DELETE"]),
-            routing.Route(f"{p}/realms", self.list_realms, methods=["GET"]),
-            routing.Route(f"{p}/realms", self.save_realm, methods=["POST"]),
-            routing.Route(f"{p}/share", self.get_share, methods=["GET"]),
-            routing.Route(f"{p}/share", self.put_share, methods=["PUT"]),
-            routing.Route(f"{p}/usage", self.usage),
-            routing.Route(f"{p}/cache", self.cache_stats, methods=["GET"]),
-            routing.Route(f"{p}/cache", self.cache_clear, methods=["DELETE"]),
-            routing.Route(f"{p}/audit", self.audit),
-            routing.Route(f"{p}/events", self.events),
-            routing.Route("/metrics", self.metrics),
+            routing.Route(f"{p}/status", self.guarded(self.status)),
+            routing.Route(f"{p}/nodes", self.guarded(self.list_nodes), methods=["GET"]),
+            routing.Route(f"{p}/nodes", self.guarded(self.add_node), methods=["POST"]),
+            routing.Route(f"{p}/nodes/{{node_id:str}}", self.guarded(self.get_node), methods=["GET"]),
+            routing.Route(f"{p}/nodes/{{node_id:str}}", self.guarded(self.patch_node), methods=["PATCH"]),
+            routing.Route(f"{p}/nodes/{{node_id:str}}", self.guarded(self.delete_node), methods=["DELETE"]),
+            routing.Route(f"{p}/nodes/{{node_id:str}}/probe", self.guarded(self.probe_node), methods=["POST"]),
+            routing.Route(f"{p}/models", self.guarded(self.models)),
+            routing.Route(f"{p}/discover", self.guarded(self.discover), methods=["POST"]),
+            routing.Route(f"{p}/routes", self.guarded(self.list_routes), methods=["GET"]),
+            routing.Route(f"{p}/routes", self.guarded(self.save_route), methods=["POST"]),
+            routing.Route(f"{p}/routes/{{route_id:str}}", self.guarded(self.get_route), methods=["GET"]),
+            routing.Route(f"{p}/routes/{{route_id:str}}", self.guarded(self.delete_route), methods=["DELETE"]),
+            routing.Route(f"{p}/routing/explain", self.guarded(self.explain)),
+            routing.Route(f"{p}/keys", self.guarded(self.list_keys), methods=["GET"]),
+            routing.Route(f"{p}/keys", self.guarded(self.create_key), methods=["POST"]),
+            routing.Route(f"{p}/keys/{{key_id:str}}", self.guarded(self.revoke_key), methods=["DELETE"]),
+            routing.Route(f"{p}/realms", self.guarded(self.list_realms), methods=["GET"]),
+            routing.Route(f"{p}/realms", self.guarded(self.save_realm), methods=["POST"]),
+            routing.Route(f"{p}/share", self.guarded(self.get_share), methods=["GET"]),
+            routing.Route(f"{p}/share", self.guarded(self.put_share), methods=["PUT"]),
+            routing.Route(f"{p}/usage", self.guarded(self.usage)),
+            routing.Route(f"{p}/cache", self.guarded(self.cache_stats), methods=["GET"]),
+            routing.Route(f"{p}/cache", self.guarded(self.cache_clear), methods=["DELETE"]),
+            routing.Route(f"{p}/audit", self.guarded(self.audit)),
+            routing.Route(f"{p}/events", self.guarded(self.events)),
+            routing.Route("/metrics", self.guarded(self.metrics)),
             routing.Route("/", self.dashboard),
         ]
+
+    def guarded(self, handler: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
+        """Every control-plane endpoint answers only callers the access rule lets in."""
+
+        @functools.wraps(handler)
+        async def endpoint(request: Request) -> Response:
+            return self.denied(request) or await handler(request)
+
+        return endpoint
 
     def denied(self, request: Request) -> Response | None:
         token = self.app.settings.admin_token
@@ -3048,8 +3057,6 @@ class ControlPlane:
         return None
 
     async def status(self, request: Request) -> Response:
-        if denied := self.denied(request):
-            return denied
         nodes = list(self.registry.nodes.values())
         return JSONResponse({
             "version": __version__, "instance": self.app.instance, "share": self.app.policy.share,
@@ -3059,8 +3066,6 @@ class ControlPlane:
         })
 
     async def list_nodes(self, request: Request) -> Response:
-        if denied := self.denied(request):
-            return denied
         return JSONResponse({"object": "list", "data": [n.public() for n in self.registry.nodes.values()]})
 
     async def _json_object(self, request: Request) -> dict[str, Any]:
@@ -3079,8 +3084,6 @@ class ControlPlane:
         return node
 
     async def add_node(self, request: Request) -> Response:
-        if denied := self.denied(request):
-            return denied
         body = await self._json_object(request)
         url = body.get("url")
         if not isinstance(url, str) or not url:
@@ -3096,13 +3099,9 @@ class ControlPlane:
         return JSONResponse(node.public(), status_code=201)
 
     async def get_node(self, request: Request) -> Response:
-        if denied := self.denied(request):
-            return denied
         return JSONResponse(self._node(request).public())
 
     async def patch_node(self, request: Request) -> Response:
-        if denied := self.denied(request):
-            return denied
         node = self._node(request)
         body = await self._json_object(request)
         changes: dict[str, Any] = {}
@@ -3124,23 +3123,17 @@ class ControlPlane:
         return JSONResponse(node.public())
 
     async def delete_node(self, request: Request) -> Response:
-        if denied := self.denied(request):
-            return denied
         node = self._node(request)
         self.registry.remove(node)
         self.app.audit("node.remove", request, node=node.id)
         return JSONResponse({"id": node.id, "deleted": True})
 
     async def probe_node(self, request: Request) -> Response:
-        if denied := self.denied(request):
-            return denied
         node = self._node(request)
         await self.registry.probe(node)
         return JSONResponse(node.public())
 
     async def models(self, request: Request) -> Response:
-        if denied := self.denied(request):
-            return denied
         rows = [
             m.public() | {"node": n.id, "node_state": n.state}
             for n in self.registry.nodes.values() for m in n.models
@@ -3148,8 +3141,6 @@ class ControlPlane:
         return JSONResponse({"object": "list", "data": rows})
 
     async def discover(self, request: Request) -> Response:
-        if denied := self.denied(request):
-            return denied
         body = await self._json_object(request) if await request.body() else {}
         subnets = body.get("subnets") or ["127.0.0.0/24"]
         ports = body.get("ports") or list(DISCOVERY_PORTS)
@@ -3169,13 +3160,9 @@ class ControlPlane:
         return JSONResponse({"object": "list", "data": [f.public() for f in found]})
 
     async def list_routes(self, request: Request) -> Response:
-        if denied := self.denied(request):
-            return denied
         return JSONResponse({"object": "list", "data": [r.public() for r in self.app.router.routes.values()]})
 
     async def save_route(self, request: Request) -> Response:
-        if denied := self.denied(request):
-            return denied
         route = Route.from_json(await self._json_object(request))
         self.app.router.save_route(route)
         self.app.audit("route.save", request, route=route.id)
@@ -3188,21 +3175,15 @@ class ControlPlane:
         return route
 
     async def get_route(self, request: Request) -> Response:
-        if denied := self.denied(request):
-            return denied
         return JSONResponse(self._route(request).public())
 
     async def delete_route(self, request: Request) -> Response:
-        if denied := self.denied(request):
-            return denied
         route = self._route(request)
         self.app.router.delete_route(route.id)
         self.app.audit("route.delete", request, route=route.id)
         return JSONResponse({"id": route.id, "deleted": True})
 
     async def explain(self, request: Request) -> Response:
-        if denied := self.denied(request):
-            return denied
         model = request.query_params.get("model")
         if not model:
             raise HTTPError(400, "`model` is required.", "invalid_request", param="model")
@@ -3215,13 +3196,9 @@ class ControlPlane:
         return JSONResponse(self.app.router.explain(model, needs, strategy))
 
     async def list_keys(self, request: Request) -> Response:
-        if denied := self.denied(request):
-            return denied
         return JSONResponse({"object": "list", "data": [k.public() for k in self.app.policy.keys.values()]})
 
     async def create_key(self, request: Request) -> Response:
-        if denied := self.denied(request):
-            return denied
         body = await self._json_object(request)
         name = body.get("name")
         if not isinstance(name, str) or not name:
@@ -3239,8 +3216,6 @@ class ControlPlane:
         return JSONResponse(key.public() | {"key": secret}, status_code=201)
 
     async def revoke_key(self, request: Request) -> Response:
-        if denied := self.denied(request):
-            return denied
         key_id = request.path_params["key_id"]
         if not self.app.policy.revoke_key(key_id):
             raise HTTPError(404, f"No key `{key_id}`.", "key_not_found")
@@ -3248,13 +3223,9 @@ class ControlPlane:
         return JSONResponse({"id": key_id, "revoked": True})
 
     async def list_realms(self, request: Request) -> Response:
-        if denied := self.denied(request):
-            return denied
         return JSONResponse({"object": "list", "data": [r.public() for r in self.app.policy.realms.values()]})
 
     async def save_realm(self, request: Request) -> Response:
-        if denied := self.denied(request):
-            return denied
         body = await self._json_object(request)
         name = body.get("name")
         if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", name):
@@ -3268,21 +3239,15 @@ class ControlPlane:
         return JSONResponse(realm.public(), status_code=201)
 
     async def get_share(self, request: Request) -> Response:
-        if denied := self.denied(request):
-            return denied
         return JSONResponse({"mode": self.app.policy.share})
 
     async def put_share(self, request: Request) -> Response:
-        if denied := self.denied(request):
-            return denied
         mode = (await self._json_object(request)).get("mode")
         self.app.set_share(str(mode))
         self.app.audit("share", request, mode=mode)
         return JSONResponse({"mode": self.app.policy.share})
 
     async def usage(self, request: Request) -> Response:
-        if denied := self.denied(request):
-            return denied
         group_by = request.query_params.get("group_by", "model")
         if group_by not in Store.USAGE_GROUPS:
             raise HTTPError(400, f"`group_by` is one of {', '.join(Store.USAGE_GROUPS)}.", "invalid_request", param="group_by")
@@ -3293,26 +3258,18 @@ class ControlPlane:
         return JSONResponse({"object": "list", "group_by": group_by, "data": data, "totals": totals})
 
     async def cache_stats(self, request: Request) -> Response:
-        if denied := self.denied(request):
-            return denied
         return JSONResponse(self.app.sharing.cache.stats())
 
     async def cache_clear(self, request: Request) -> Response:
-        if denied := self.denied(request):
-            return denied
         self.app.sharing.cache.clear()
         self.app.audit("cache.clear", request)
         return JSONResponse(self.app.sharing.cache.stats())
 
     async def audit(self, request: Request) -> Response:
-        if denied := self.denied(request):
-            return denied
         self.app.audit_log.flush()
         return JSONResponse({"object": "list", "data": self.app.store.audit()})
 
     async def events(self, request: Request) -> Response:
-        if denied := self.denied(request):
-            return denied
         queue = self.app.events.subscribe()
 
         async def stream() -> Any:
@@ -3331,8 +3288,6 @@ class ControlPlane:
         return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-store"})
 
     async def metrics(self, request: Request) -> Response:
-        if denied := self.denied(request):
-            return denied
         return Response(self.app.metrics.render(self.app), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     async def dashboard(self, request: Request) -> Response:

@@ -127,3 +127,24 @@ def node_factory(bg: LoopThread) -> Iterator[Callable[..., Any]]:
     for node in started:
         with contextlib.suppress(Exception):
             bg.run(node.stop())
+
+
+@contextlib.contextmanager
+def captured_logs(level: int) -> Iterator[Any]:
+    """Everything the gateway logs while the block runs, as its JSON lines, in a StringIO."""
+    import io
+    import logging
+
+    import vampire
+
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(vampire.JsonLogFormatter())
+    vampire.log.addHandler(handler)
+    previous = vampire.log.level
+    vampire.log.setLevel(level)
+    try:
+        yield stream
+    finally:
+        vampire.log.removeHandler(handler)
+        vampire.log.setLevel(previous)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import subprocess
@@ -16,7 +15,7 @@ import anthropic
 import httpx
 import openai
 import pytest
-from conftest import wait_until
+from conftest import captured_logs, wait_until
 
 import vampire
 
@@ -362,13 +361,7 @@ def test_no_secret_appears_anywhere(node_factory: Any, gateway_factory: Any) -> 
     node_token = "sk-lm-SeCrEt12:NoDeToKeNnOdEtOkEn123"
     admin = "adm-" + "Q" * 28
     node = node_factory("m:llm:loaded", version="0.4.6", token=node_token)
-    stream = io.StringIO()
-    handler = logging.StreamHandler(stream)
-    handler.setFormatter(vampire.JsonLogFormatter())
-    vampire.log.addHandler(handler)
-    old_level = vampire.log.level
-    vampire.log.setLevel(logging.DEBUG)
-    try:
+    with captured_logs(logging.DEBUG) as stream:
         gw = gateway_factory([f"{node.url}#{node_token}"], admin_token=admin)
         auth = {"Authorization": f"Bearer {admin}"}
         api = f"{gw.url}/vampire/v1"
@@ -397,9 +390,6 @@ def test_no_secret_appears_anywhere(node_factory: Any, gateway_factory: Any) -> 
         gw.app.ledger.flush()
         gw.app.audit_log.flush()
         database = b"".join(p.read_bytes() for p in gw.app.settings.data_dir.glob("vampire.db*"))
-    finally:
-        vampire.log.removeHandler(handler)
-        vampire.log.setLevel(old_level)
     logs = stream.getvalue()
     assert "request" in logs and "audit" in logs  # the log really was written
     for secret in (admin, key, node_token, key.split("_", 1)[1], node_token.split(":")[1]):

@@ -14,6 +14,7 @@ from typing import Any
 
 import httpx
 import pytest
+from conftest import captured_logs
 
 import vampire
 
@@ -123,18 +124,9 @@ def test_one_structured_log_line_per_request(node_factory: Any, gateway_factory:
     node = node_factory("m:llm:loaded", completion_tokens=4)
     gw = gateway_factory([node.url])
     key = httpx.post(f"{gw.url}/vampire/v1/keys", json={"name": "k"}).json()
-    stream = io.StringIO()
-    handler = logging.StreamHandler(stream)
-    handler.setFormatter(vampire.JsonLogFormatter())
-    vampire.log.addHandler(handler)
-    level = vampire.log.level
-    vampire.log.setLevel(logging.INFO)
-    try:
+    with captured_logs(logging.INFO) as stream:
         httpx.post(f"{gw.v1}/chat/completions", json={"model": "m", **CHAT}, headers={"Authorization": f"Bearer {key['key']}"})
         httpx.post(f"{gw.v1}/chat/completions", json={"model": "gone", **CHAT})
-    finally:
-        vampire.log.removeHandler(handler)
-        vampire.log.setLevel(level)
     lines = [json.loads(line) for line in stream.getvalue().splitlines()]
     requests = [line for line in lines if line["msg"] == "request"]
     assert len(requests) == 2
