@@ -15,7 +15,6 @@ import contextlib
 import dataclasses
 import functools
 import gc
-import getpass
 import hashlib
 import hmac
 import importlib
@@ -24,7 +23,6 @@ import json
 import logging
 import math
 import os
-import plistlib
 import random
 import re
 import secrets
@@ -38,11 +36,8 @@ import sys
 import threading
 import time
 import tomllib
-import urllib.error
 import urllib.parse
-import urllib.request
 import weakref
-import webbrowser
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -50,7 +45,6 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path, PureWindowsPath
 from typing import Any, NoReturn
 from urllib.parse import urlsplit
-from xml.sax.saxutils import escape as xml_escape
 
 import aiohttp
 import platformdirs
@@ -7648,6 +7642,8 @@ def _launchd_plist(program_arguments: list[str], log_dir: str, data_dir: str) ->
         "StandardOutPath": log,
         "StandardErrorPath": log,
     }
+    import plistlib  # service-only modules load when used: the gateway's memory stays small
+
     return plistlib.dumps(spec, fmt=plistlib.FMT_XML, sort_keys=False).decode("utf-8")
 
 
@@ -7707,6 +7703,8 @@ def _windowless(exe: list[str]) -> list[str]:
 
 
 def _windows_user_id() -> str:
+    import getpass
+
     user = os.environ.get("USERNAME") or getpass.getuser()
     domain = os.environ.get("USERDOMAIN")
     return f"{domain}\\{user}" if domain else user
@@ -7719,6 +7717,8 @@ def _windows_task_xml(command: list[str], data_dir: Path) -> str:
         "ARGUMENTS": subprocess.list2cmdline(command[1:]),
         "WORKING_DIRECTORY": str(data_dir),
     }
+    from xml.sax.saxutils import escape as xml_escape
+
     return _fill(WINDOWS_TASK_TEMPLATE, {k: xml_escape(v) for k, v in values.items()})
 
 
@@ -7932,6 +7932,9 @@ def run_service(
 
 def _healthy(url: str, timeout: float = 1.0) -> bool:
     # No proxies: an HTTP(S)_PROXY in the environment must not capture a loopback health check.
+    import urllib.error
+    import urllib.request
+
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     try:
         with opener.open(url, timeout=timeout) as resp:
@@ -8170,10 +8173,14 @@ def stop_background(data_dir: Path, timeout: float = 10.0) -> tuple[int, str]:
 def open_or_start(
     url: str,
     start: Callable[[], None],
-    open_browser: Callable[[str], object] = webbrowser.open,
+    open_browser: Callable[[str], object] | None = None,
     out: Callable[[str], object] = print,
 ) -> int:
     """Open the running gateway's dashboard, or start one in the foreground and open it once it answers."""
+    if open_browser is None:
+        import webbrowser
+
+        open_browser = webbrowser.open
     health = urllib.parse.urljoin(url, "/healthz")
     if _healthy(health):
         out(f"Vampire is already running: opening {url}")
