@@ -893,13 +893,18 @@ def start_servers(args: argparse.Namespace, workdir: Path, procs: list[Proc]) ->
     data_dir.mkdir()
     gw_env["VAMPIRE_DATA_DIR"] = str(data_dir)
     gw_env["VAMPIRE_LOG_LEVEL"] = "warning"
+    # The fast upstream is a plain OpenAI server: it reports no parallelism, so the gateway would admit only
+    # VAMPIRE_DEFAULT_SLOTS (4) requests at a time and queue the rest. Declaring 64 slots, as an LM Studio
+    # node reporting `parallel: 64` would, measures forwarding overhead rather than admission policy; the
+    # reference proxy has no admission control at all. Override with --gateway-env VAMPIRE_DEFAULT_SLOTS=N.
+    gw_env["VAMPIRE_DEFAULT_SLOTS"] = "64"
     for item in args.gateway_env:
         key, sep, val = item.partition("=")
         if not sep:
             raise BenchError(f"--gateway-env expects KEY=VALUE, got {item!r}")
         gw_env[key] = val
     gw_cmd = gateway_argv(args.gateway_cmd, gw_port, upstream_url)
-    log(f"gateway command: {shlex.join(gw_cmd)}")
+    log(f"gateway command: {shlex.join(gw_cmd)} (VAMPIRE_DEFAULT_SLOTS={gw_env['VAMPIRE_DEFAULT_SLOTS']})")
     gw_proc = spawn("gateway", gw_cmd, workdir, gw_env)
     procs.append(gw_proc)
 
