@@ -226,10 +226,13 @@ def split_node_spec(spec: str) -> tuple[str, str | None]:
     url, _, token = spec.strip().partition("#")
     if "://" not in url:
         url = "http://" + url
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError as exc:
+        raise ConfigError(f"not a node URL: {url!r} ({exc})") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ConfigError(f"not a node URL: {url!r}")
-    port = parts.port or (443 if parts.scheme == "https" else 80)
     path = parts.path.rstrip("/")
     if path.endswith("/v1"):  # people paste their OpenAI base URL; the node is the server root
         path = path[:-3]
@@ -1806,7 +1809,10 @@ class BatchWriter:
     def flush(self) -> None:
         if self.pending:
             rows, self.pending = self.pending, []
-            self.write(rows)
+            try:
+                self.write(rows)
+            except (sqlite3.Error, UnicodeError, ValueError):
+                log.exception("could not store %d rows; they are dropped", len(rows))
 
     async def flush_forever(self) -> None:
         while True:
@@ -1835,7 +1841,7 @@ def deterministic(path: str, payload: dict[str, Any]) -> bool:
 def canonical_request(path: str, payload: dict[str, Any]) -> str:
     """The request with key order, whitespace and transport fields (stream, stream_options) ignored."""
     body = {k: v for k, v in payload.items() if k not in TRANSPORT_FIELDS}
-    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(f"{path}\n{text}".encode()).hexdigest()
 
 
@@ -2175,6 +2181,20 @@ MID_STREAM_FAILURE = "upstream_failed_mid_stream"
 DISCONNECT_WATCH_AFTER_S = 0.05
 
 
+def parse_json(data: bytes) -> Any:
+    """A request body as JSON, or 400: malformed, or nested deeper than the parser can go."""
+    try:
+        return json.loads(data)
+    except (ValueError, RecursionError) as exc:
+        reason = "it is nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+        raise HTTPError(400, f"The request body is not valid JSON: {reason}.", "invalid_json") from None
+
+
+def storable_text(value: str) -> str:
+    """Text that SQLite and JSON encoders accept: lone surrogates (invalid Unicode) become U+FFFD."""
+    return value.encode("utf-8", "replace").decode("utf-8")
+
+
 class ClientGone(Exception):
     """The client disconnected; nothing more can be sent to it."""
 
@@ -2367,10 +2387,7 @@ class Gateway:
             if kind:
                 raise HTTPError(400, "A JSON request body is required.", "invalid_request")
             return self.router.any_node()
-        try:
-            payload = json.loads(call.body)
-        except ValueError as exc:
-            raise HTTPError(400, f"The request body is not valid JSON: {exc}.", "invalid_json") from None
+        payload = parse_json(call.body)
         if not isinstance(payload, dict):
             raise HTTPError(400, "The request body must be a JSON object.", "invalid_request")
         call.payload = payload
@@ -3063,12 +3080,13 @@ class ControlPlane:
         return JSONResponse({"object": "list", "data": [n.public() for n in self.registry.nodes.values()]})
 
     async def _json_object(self, request: Request) -> dict[str, Any]:
-        try:
-            body = await request.json()
-        except ValueError:
-            raise HTTPError(400, "The request body is not valid JSON.", "invalid_json") from None
+        body = parse_json(await request.body())
         if not isinstance(body, dict):
             raise HTTPError(400, "The request body must be a JSON object.", "invalid_request")
+        try:  # whatever is kept must be storable and printable: no lone surrogates, no NaN
+            json.dumps(body, ensure_ascii=False, allow_nan=False).encode("utf-8")
+        except (UnicodeEncodeError, ValueError):
+            raise HTTPError(400, "The request body holds invalid text or a non-finite number.", "invalid_request") from None
         return body
 
     def _node(self, request: Request) -> Node:
@@ -3082,10 +3100,13 @@ class ControlPlane:
         url = body.get("url")
         if not isinstance(url, str) or not url:
             raise HTTPError(400, "`url` is required.", "invalid_request", param="url")
+        tags = body.get("tags") or []
+        if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
+            raise HTTPError(400, "`tags` is a list of strings.", "invalid_request", param="tags")
         try:
             node = await self.registry.add(
                 url, token=_opt_str(body, "token"), name=_opt_str(body, "name"),
-                trusted=bool(body.get("trusted", True)), tags=[str(t) for t in body.get("tags") or []],
+                trusted=bool(body.get("trusted", True)), tags=tags,
             )
         except (NodeRefused, ConfigError) as exc:
             raise HTTPError(400, str(exc), "node_refused") from None
@@ -3138,9 +3159,15 @@ class ControlPlane:
         body = await self._json_object(request) if await request.body() else {}
         subnets = body.get("subnets") or ["127.0.0.0/24"]
         ports = body.get("ports") or list(DISCOVERY_PORTS)
-        if not isinstance(subnets, list) or not isinstance(ports, list) or not all(isinstance(p, int) for p in ports):
-            raise HTTPError(400, "`subnets` is a list of CIDRs and `ports` a list of integers.", "invalid_request")
-        timeout = float(body.get("timeout_ms", 500)) / 1000.0
+        valid_ports = isinstance(ports, list) and all(
+            isinstance(p, int) and not isinstance(p, bool) and 0 < p < 65536 for p in ports)
+        if not isinstance(subnets, list) or not all(isinstance(n, str) for n in subnets) or not valid_ports:
+            raise HTTPError(400, "`subnets` is a list of CIDRs and `ports` a list of port numbers.", "invalid_request")
+        timeout_ms = body.get("timeout_ms", 500)
+        if not isinstance(timeout_ms, int | float) or isinstance(timeout_ms, bool) or not 0 < timeout_ms <= 10_000:
+            raise HTTPError(400, "`timeout_ms` is a number of milliseconds up to 10000.", "invalid_request",
+                            param="timeout_ms")
+        timeout = float(timeout_ms) / 1000.0
         try:
             found = await discover(
                 self.app.probe_http(), [str(s) for s in subnets], ports, timeout=timeout,
@@ -3202,7 +3229,7 @@ class ControlPlane:
             raise HTTPError(400, "`models` is a list of model names.", "invalid_request", param="models")
         limits = {k: _opt_positive_int(body, k) for k in ("rpm", "tpm", "max_concurrent")}
         expires = body.get("expires_at")
-        if expires is not None and not isinstance(expires, int | float):
+        if expires is not None and (not isinstance(expires, int | float) or isinstance(expires, bool)):
             raise HTTPError(400, "`expires_at` is a Unix time in seconds.", "invalid_request", param="expires_at")
         key, secret = self.app.policy.create_key(name, str(body.get("realm") or DEFAULT_REALM), models=models,
                                                  expires_at=expires, **limits)
@@ -3264,6 +3291,8 @@ class ControlPlane:
         return JSONResponse({"object": "list", "data": self.app.store.audit()})
 
     async def events(self, request: Request) -> Response:
+        if request.method == "HEAD":  # the route's GET brings HEAD along; a HEAD must not open a stream
+            return Response(media_type="text/event-stream")
         queue = self.app.events.subscribe()
 
         async def stream() -> Any:
@@ -3399,7 +3428,8 @@ class App:
         allowed = origin in self.settings.cors_origins or "*" in self.settings.cors_origins
         if scope["method"] == "OPTIONS" and _header(scope, b"access-control-request-method"):
             if not allowed:
-                await send_json(send, 403, json.loads(error_body("openai", 403, "Origin not allowed.", "cors_forbidden")))
+                surface = "anthropic" if scope["path"] == "/v1/messages" else "openai"
+                await send_json(send, 403, json.loads(error_body(surface, 403, "Origin not allowed.", "cors_forbidden")))
                 return
             headers = [(b"access-control-allow-origin", origin.encode()), (b"vary", b"Origin"),
                        (b"access-control-allow-methods", b"GET, POST, PUT, PATCH, DELETE, OPTIONS"),
@@ -3521,7 +3551,8 @@ class App:
             principal = call.principal
             self.ledger.record((
                 time.time(), call.request_id, principal.key_id if principal else None,
-                principal.realm.name if principal else None, call.model, call.node.id if call.node else None,
+                principal.realm.name if principal else None, storable_text(call.model),
+                call.node.id if call.node else None,
                 call.meter.prompt or 0, call.meter.completion or 0, latency_ms, call.status, call.surface,
             ))
         logged = log.isEnabledFor(logging.INFO)
@@ -3540,7 +3571,8 @@ class App:
 
     def audit_denial(self, call: Call, exc: HTTPError) -> None:
         who = f"key:{call.principal.key_id}" if call.principal and call.principal.key else "anonymous"
-        details = {"status": exc.status, "code": exc.code, "path": call.path, "model": call.model}
+        details = {"status": exc.status, "code": exc.code, "path": storable_text(call.path),
+                   "model": storable_text(call.model) if call.model else None}
         self.audit_log.record((time.time(), who, "denied", call.client, json.dumps(details)))
 
     def set_share(self, mode: str) -> None:
@@ -5171,7 +5203,7 @@ def _mock_embedding_inputs(value: Any) -> list[str]:
 
 def _mock_embedding(text: str) -> list[float]:
     """A unit vector derived from sha256(text): stable across runs and nodes, different per text."""
-    raw = [byte - 127.5 for byte in hashlib.sha256(text.encode()).digest()[:_MOCK_EMBED_DIM]]
+    raw = [byte - 127.5 for byte in hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest()[:_MOCK_EMBED_DIM]]
     norm = math.sqrt(sum(v * v for v in raw)) or 1.0
     return [v / norm for v in raw]
 
@@ -5655,8 +5687,8 @@ class MockNode:
         if body:
             try:
                 data = json.loads(body)
-            except ValueError as exc:
-                json_error = str(exc)
+            except (ValueError, RecursionError) as exc:
+                json_error = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
         headers = {k.lower(): v for k, v in request.headers.items()}
         self.received.append(
             Received(

@@ -27,8 +27,8 @@ import httpx
 import pytest
 from conftest import LoopThread, RunningGateway, start_gateway, wait_until
 from hypothesis import HealthCheck, assume, given, note, settings
-from hypothesis.control import currently_in_test_context
 from hypothesis import strategies as st
+from hypothesis.control import currently_in_test_context
 
 import vampire
 
@@ -244,7 +244,7 @@ def idle(rig: Rig) -> bool:
     def check() -> bool:
         return (
             not app.active and not app.admission.waiters and not app.sharing.flights
-            and not app.events._subscribers
+            and not app.events.listened
             and all(n.in_flight == 0 and not any(n.busy.values()) and not n.warming for n in app.registry.nodes.values())
             and all(q.active == 0 for q in app.policy._quotas.values())
         )
@@ -279,10 +279,7 @@ def revive(rig: Rig) -> None:
                 owner = app.registry if hasattr(app.registry, name) else app
                 app._tasks[i] = asyncio.get_running_loop().create_task(getattr(owner, name)())
 
-    async def call() -> None:
-        restart()
-
-    rig.bg.run(call())
+    rig.on_loop(restart)
 
 
 def restore(rig: Rig) -> None:
@@ -378,10 +375,15 @@ def targets_real_node(rig: Rig, method: str, path: str) -> bool:
     return method in ("PATCH", "DELETE") and any(route.endswith(f"/nodes/{ref}") for ref in (real.id, real.name))
 
 
-def exchange(rig: Rig, method: str, path: str, headers: dict[str, bytes], body: bytes) -> None:
-    """One example: send, judge, check that what it stored still renders, then restore the state."""
-    body = safe_for_loopback(method, path, body)
-    assume(not targets_real_node(rig, method, path))
+def exchange(rig: Rig, method: str, path: str, headers: dict[str, bytes], body: bytes, *, arbitrary: bool = True) -> None:
+    """One example: send, judge, check that what it stored still renders, then restore the state. An
+    arbitrary body is first kept on loopback; built ones (typed fields, fixed cases) are loopback-only already."""
+    if arbitrary:
+        body = safe_for_loopback(method, path, body)
+    if targets_real_node(rig, method, path):
+        if not currently_in_test_context():
+            pytest.fail(f"{method} {path} would change the real node")
+        assume(False)
     what = describe(method, path, headers, body)
     try:
         answer = send(rig, method, path, headers, body)
@@ -556,15 +558,14 @@ url_schemes = st.sampled_from(["http://", "https://", "HTTP://", "", "ftp://", "
 url_paths = st.sampled_from(["", "/", "/v1", "/v1/", "/x/y", "/%00", "?q=1", "#tok", "#"]) | wild_text.map(
     lambda s: "/" + url_quote(s)
 )
-node_urls = mostly(
+odd_urls = st.builds(lambda *parts: "".join(parts), url_schemes, st.sampled_from(["", "u:p@"]), url_hosts, url_ports,
+                     url_paths)
+node_urls = st.one_of(
     st.builds(lambda host, port, path: f"http://{host}{port}{path}", st.sampled_from(["127.9.9.7", "[::1]"]),
               st.sampled_from([":1", ":9"]), url_paths),
-    st.one_of(
-        st.builds(lambda *parts: "".join(parts), url_schemes, st.sampled_from(["", "u:p@"]), url_hosts, url_ports,
-                  url_paths),
-        st.sampled_from(["", " ", "#", "#token", "://", "http://", "http:///x", "ftp://x", SPARE_URL]),
-        st.none(), numbers, st.lists(scalars, max_size=2), st.booleans(),
-    ),
+    odd_urls, odd_urls,
+    st.sampled_from(["", " ", "#", "#token", "://", "http://", "http:///x", "ftp://x", SPARE_URL]),
+    st.none() | numbers | st.lists(scalars, max_size=2) | st.booleans(),
 )
 subnet_lists = mostly(
     st.just(["127.0.0.0/30"]),
@@ -639,7 +640,7 @@ CONTROL_BODIES: dict[str, st.SearchStrategy[tuple[str, str, Any]]] = {
 def test_every_known_route_takes_random_methods_headers_and_bodies(rig: Rig, template: str) -> None:
     allowed = sorted(ROUTES[template])
 
-    @fuzz(25)
+    @fuzz(30)
     @given(data=st.data(), method=mostly(st.sampled_from(allowed), st.sampled_from(METHODS)), headers=header_sets,
            body=bodies, query=queries)
     def run(data: st.DataObject, method: str, headers: dict[str, bytes], body: bytes, query: str) -> None:
@@ -652,7 +653,7 @@ def test_every_known_route_takes_random_methods_headers_and_bodies(rig: Rig, tem
 
 @pytest.mark.parametrize("path", DATA_PATHS)
 def test_data_plane_takes_plausible_but_wrong_requests(rig: Rig, path: str) -> None:
-    @fuzz(50)
+    @fuzz(80)
     @given(request=wrong_requests, headers=header_sets, query=queries)
     def run(request: dict[str, Any], headers: dict[str, bytes], query: str) -> None:
         exchange(rig, "POST", path + query, headers, to_json(request))
@@ -663,7 +664,7 @@ def test_data_plane_takes_plausible_but_wrong_requests(rig: Rig, path: str) -> N
 
 @pytest.mark.parametrize("path", DATA_PATHS)
 def test_data_plane_takes_malformed_bodies(rig: Rig, path: str) -> None:
-    @fuzz(25)
+    @fuzz(30)
     @given(body=bodies, headers=header_sets)
     def run(body: bytes, headers: dict[str, bytes]) -> None:
         exchange(rig, "POST", path, headers, body)
@@ -674,7 +675,7 @@ def test_data_plane_takes_malformed_bodies(rig: Rig, path: str) -> None:
 
 @pytest.mark.parametrize("prefix", ["/v1/", "/vampire/v1/", "/api/", "/vampire/", "/", "/V1/", "//v1/"])
 def test_random_paths_and_methods_under_every_prefix(rig: Rig, prefix: str) -> None:
-    @fuzz(25)
+    @fuzz(30)
     @given(segments=st.lists(path_segments, max_size=5), query=queries, method=st.sampled_from(METHODS),
            headers=header_sets, body=bodies)
     def run(segments: list[str], query: str, method: str, headers: dict[str, bytes], body: bytes) -> None:
@@ -686,11 +687,11 @@ def test_random_paths_and_methods_under_every_prefix(rig: Rig, prefix: str) -> N
 
 @pytest.mark.parametrize("endpoint", sorted(CONTROL_BODIES))
 def test_control_plane_takes_wrong_typed_fields(rig: Rig, endpoint: str) -> None:
-    @fuzz(40)
+    @fuzz(60)
     @given(request=CONTROL_BODIES[endpoint], headers=header_sets)
     def run(request: tuple[str, str, Any], headers: dict[str, bytes]) -> None:
         method, path, body = request
-        exchange(rig, method, path, headers, to_json(body))
+        exchange(rig, method, path, headers, to_json(body), arbitrary=False)
 
     run()
     assert_intact(rig)
@@ -698,7 +699,7 @@ def test_control_plane_takes_wrong_typed_fields(rig: Rig, endpoint: str) -> None
 
 @pytest.mark.parametrize("endpoint", sorted(CONTROL_BODIES))
 def test_control_plane_takes_malformed_bodies(rig: Rig, endpoint: str) -> None:
-    @fuzz(15)
+    @fuzz(20)
     @given(request=CONTROL_BODIES[endpoint], body=bodies, headers=header_sets)
     def run(request: tuple[str, str, Any], body: bytes, headers: dict[str, bytes]) -> None:
         method, path, _ = request
@@ -710,7 +711,7 @@ def test_control_plane_takes_malformed_bodies(rig: Rig, endpoint: str) -> None:
 
 @pytest.mark.parametrize("path", ["/vampire/v1/routing/explain", "/vampire/v1/usage", "/v1/models", "/v1/models/{model}"])
 def test_queries_take_garbage(rig: Rig, path: str) -> None:
-    @fuzz(30)
+    @fuzz(40)
     @given(data=st.data(), query=queries, headers=header_sets)
     def run(data: st.DataObject, query: str, headers: dict[str, bytes]) -> None:
         filled = path.replace("{model}", data.draw(PARAMS["model"], label="model"))
@@ -745,51 +746,68 @@ def fields(**values: Any) -> bytes:
     return to_json(values)
 
 
-SURROGATE = "\ud800"  # a lone surrogate: valid in JSON (\\ud800), unencodable as UTF-8
+SURROGATE = "\ud800"  # a lone surrogate: valid in JSON (written \ud800), not encodable as UTF-8
+JSON = {"content-type": b"application/json"}
+SPARE_PIN = "m@" + SPARE_ID
 TRICKY = [
-    pytest.param("GET", "/v1/models/nope", b"", id="unknown-model-by-id"),
-    pytest.param("POST", "/v1/chat/completions", nested(5000), id="deeply-nested-chat"),
-    pytest.param("POST", "/vampire/v1/routes", b"[" * 5000, id="deeply-nested-control"),
-    pytest.param("POST", "/v1/chat/completions", fields(model=SURROGATE, messages=CHAT["messages"]), id="surrogate-model"),
-    pytest.param("POST", "/vampire/v1/nodes", fields(url="http://127.9.9.7:abc"), id="node-port-not-a-number"),
-    pytest.param("POST", "/vampire/v1/nodes", fields(url="http://127.9.9.7:70000"), id="node-port-out-of-range"),
-    pytest.param("POST", "/vampire/v1/nodes", fields(url="http://[::1"), id="node-url-open-bracket"),
-    pytest.param("POST", "/vampire/v1/nodes", fields(url="http://127.9.9.7:9", tags=5), id="node-tags-not-a-list"),
-    pytest.param("POST", "/vampire/v1/nodes", fields(url="http://127.9.9.7:9", token=SURROGATE), id="node-token-surrogate"),
-    pytest.param("PATCH", SPARE_PATH, fields(name=SURROGATE), id="node-rename-surrogate"),
-    pytest.param("PATCH", SPARE_PATH, fields(token=SURROGATE), id="node-token-change-surrogate"),
-    pytest.param("POST", "/vampire/v1/discover", fields(subnets=["127.0.0.0/30"], ports=[70000]), id="discover-port-out-of-range"),
-    pytest.param("POST", "/vampire/v1/discover", fields(subnets=["127.0.0.0/30"], ports=[-1]), id="discover-port-negative"),
-    pytest.param("POST", "/vampire/v1/discover", fields(subnets=["127.0.0.0/30"], ports=[True]), id="discover-port-boolean"),
-    pytest.param("POST", "/vampire/v1/discover", fields(subnets=["127.0.0.0/30"], ports=[9], timeout_ms="abc"),
+    pytest.param("GET", "/v1/models/nope", JSON, b"", id="unknown-model-by-id"),
+    pytest.param("POST", "/v1/chat/completions", JSON, nested(5000), id="deeply-nested-chat"),
+    pytest.param("PUT", "/v1/models", JSON, nested(5000), id="deeply-nested-relayed-to-the-node"),
+    pytest.param("POST", "/vampire/v1/routes", JSON, b"[" * 5000, id="deeply-nested-control"),
+    pytest.param("POST", "/v1/chat/completions", JSON, fields(model=SURROGATE, messages=CHAT["messages"]),
+                 id="surrogate-model"),
+    pytest.param("POST", "/v1/embeddings", JSON, fields(model="e", input=SURROGATE), id="surrogate-in-cacheable-request"),
+    pytest.param("POST", "/v1/chat/completions", JSON, fields(model=SPARE_PIN, messages=CHAT["messages"]),
+                 id="pin-to-the-offline-spare"),
+    pytest.param("OPTIONS", "/v1/messages", {"origin": b"http://elsewhere.invalid", "access-control-request-method": b"POST"},
+                 b"", id="refused-preflight-on-messages"),
+    pytest.param("POST", "/vampire/v1/nodes", JSON, fields(url="http://127.9.9.7:abc"), id="node-port-not-a-number"),
+    pytest.param("POST", "/vampire/v1/nodes", JSON, fields(url="http://127.9.9.7:70000"), id="node-port-out-of-range"),
+    pytest.param("POST", "/vampire/v1/nodes", JSON, fields(url="http://[::1"), id="node-url-open-bracket"),
+    pytest.param("POST", "/vampire/v1/nodes", JSON, fields(url="http://127.9.9.7:9", tags=5), id="node-tags-not-a-list"),
+    pytest.param("POST", "/vampire/v1/nodes", JSON, fields(url="http://127.9.9.7:9", token=SURROGATE),
+                 id="node-token-surrogate"),
+    pytest.param("PATCH", SPARE_PATH, JSON, fields(name=SURROGATE), id="node-rename-surrogate"),
+    pytest.param("PATCH", SPARE_PATH, JSON, fields(token=SURROGATE), id="node-token-change-surrogate"),
+    pytest.param("POST", "/vampire/v1/discover", JSON, fields(subnets=["127.0.0.0/30"], ports=[70000]),
+                 id="discover-port-out-of-range"),
+    pytest.param("POST", "/vampire/v1/discover", JSON, fields(subnets=["127.0.0.0/30"], ports=[-1]),
+                 id="discover-port-negative"),
+    pytest.param("POST", "/vampire/v1/discover", JSON, fields(subnets=["127.0.0.0/30"], ports=[True]),
+                 id="discover-port-boolean"),
+    pytest.param("POST", "/vampire/v1/discover", JSON, fields(subnets=["127.0.0.0/30"], ports=[9], timeout_ms="abc"),
                  id="discover-timeout-text"),
-    pytest.param("POST", "/vampire/v1/discover", fields(subnets=["127.0.0.0/30"], ports=[9], timeout_ms=None),
+    pytest.param("POST", "/vampire/v1/discover", JSON, fields(subnets=["127.0.0.0/30"], ports=[9], timeout_ms=None),
                  id="discover-timeout-null"),
-    pytest.param("POST", "/vampire/v1/keys", fields(name=SURROGATE), id="key-name-surrogate"),
-    pytest.param("POST", "/vampire/v1/keys", fields(name="k", models=[SURROGATE]), id="key-model-surrogate"),
-    pytest.param("POST", "/vampire/v1/keys", b'{"name": "k", "expires_at": NaN}', id="key-expiry-nan"),
-    pytest.param("POST", "/vampire/v1/keys", b'{"name": "k", "expires_at": 1e400}', id="key-expiry-infinite"),
-    pytest.param("POST", "/vampire/v1/realms", fields(name="r", models=[SURROGATE]), id="realm-model-surrogate"),
-    pytest.param("POST", "/vampire/v1/realms", fields(name="r", nodes=[SURROGATE]), id="realm-node-surrogate"),
-    pytest.param("POST", "/vampire/v1/routes", fields(id=SURROGATE, targets=[{"model": "m"}]), id="route-id-surrogate"),
-    pytest.param("POST", "/vampire/v1/routes", fields(id="r", targets=[{"model": SURROGATE}]), id="route-target-surrogate"),
-    pytest.param("POST", "/vampire/v1/routes", fields(id="r", targets=[{"model": "m"}], fallback=SURROGATE),
+    pytest.param("POST", "/vampire/v1/keys", JSON, fields(name=SURROGATE), id="key-name-surrogate"),
+    pytest.param("POST", "/vampire/v1/keys", JSON, fields(name="k", models=[SURROGATE]), id="key-model-surrogate"),
+    pytest.param("POST", "/vampire/v1/keys", JSON, b'{"name": "k", "expires_at": NaN}', id="key-expiry-nan"),
+    pytest.param("POST", "/vampire/v1/keys", JSON, b'{"name": "k", "expires_at": 1e400}', id="key-expiry-infinite"),
+    pytest.param("POST", "/vampire/v1/realms", JSON, fields(name="r", models=[SURROGATE]), id="realm-model-surrogate"),
+    pytest.param("POST", "/vampire/v1/realms", JSON, fields(name="r", nodes=[SURROGATE]), id="realm-node-surrogate"),
+    pytest.param("POST", "/vampire/v1/routes", JSON, fields(id=SURROGATE, targets=[{"model": "m"}]), id="route-id-surrogate"),
+    pytest.param("POST", "/vampire/v1/routes", JSON, fields(id="r", targets=[{"model": SURROGATE}]),
+                 id="route-target-surrogate"),
+    pytest.param("POST", "/vampire/v1/routes", JSON, fields(id="r", targets=[{"model": "m"}], fallback=SURROGATE),
                  id="route-fallback-surrogate"),
 ]
 
 
-@pytest.mark.parametrize(("method", "path", "body"), TRICKY)
-def test_tricky_request(rig: Rig, method: str, path: str, body: bytes) -> None:
-    exchange(rig, method, path, {"content-type": b"application/json"}, body)
+@pytest.mark.parametrize(("method", "path", "headers", "body"), TRICKY)
+def test_tricky_request(rig: Rig, method: str, path: str, headers: dict[str, bytes], body: bytes) -> None:
+    exchange(rig, method, path, headers, body, arbitrary=False)
 
 
-def test_head_of_the_event_stream_frees_its_connection(rig: Rig) -> None:
-    """HEAD has no body: the answer is complete after its head, and the connection serves the next request."""
-    with httpx.Client(timeout=5.0, limits=httpx.Limits(max_connections=1)) as one:
+def test_head_of_the_event_stream_ends_its_answer(rig: Rig) -> None:
+    """HEAD has no body: its answer is over once the head is sent, while the connection stays open for the
+    next request. A stream that kept running would hold that connection (and the next request) forever."""
+    app = rig.gw.app
+    with httpx.Client(timeout=TIMEOUT) as one:
         assert one.head(rig.url("/vampire/v1/events")).status_code == 200
         try:
-            status = one.get(rig.url("/vampire/v1/status")).status_code
-        except httpx.TimeoutException:
-            status = None
-    assert status == 200, "the connection hangs after HEAD /vampire/v1/events"
-    wait_until(lambda: idle(rig))
+            wait_until(lambda: not rig.on_loop(lambda: app.events.listened), timeout=3)
+            ended = True
+        except AssertionError:
+            ended = False
+    wait_until(lambda: idle(rig))  # closing the connection ends the stream either way
+    assert ended, "HEAD /vampire/v1/events is still streaming on its open connection: the next request on it hangs"
