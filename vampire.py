@@ -2290,10 +2290,7 @@ class Call:
         return twin
 
     def header(self, name: bytes) -> str | None:
-        for key, value in self.headers:
-            if key == name:
-                return value.decode("latin-1")
-        return None
+        return header_value(self.headers, name)
 
     def upstream_url(self, node: Node) -> str:
         if self.query:
@@ -2722,8 +2719,9 @@ class Gateway:
         return entry
 
 
-def _header(scope: Scope, name: bytes) -> str | None:
-    for key, value in scope["headers"]:
+def header_value(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> str | None:
+    """One request header (names are lower-case in ASGI), or None."""
+    for key, value in headers:
         if key == name:
             return value.decode("latin-1")
     return None
@@ -3406,7 +3404,7 @@ class App:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and self.settings.cors_origins:
-            origin = _header(scope, b"origin")
+            origin = header_value(scope["headers"], b"origin")
             if origin is not None:
                 await self.cors(scope, receive, send, origin)
                 return
@@ -3426,14 +3424,14 @@ class App:
     async def cors(self, scope: Scope, receive: Receive, send: Send, origin: str) -> None:
         """Browsers may call only from the origins the owner listed; everything else gets no CORS headers."""
         allowed = origin in self.settings.cors_origins or "*" in self.settings.cors_origins
-        if scope["method"] == "OPTIONS" and _header(scope, b"access-control-request-method"):
+        if scope["method"] == "OPTIONS" and header_value(scope["headers"], b"access-control-request-method"):
             if not allowed:
                 surface = "anthropic" if scope["path"] == "/v1/messages" else "openai"
                 await send_json(send, 403, json.loads(error_body(surface, 403, "Origin not allowed.", "cors_forbidden")))
                 return
             headers = [(b"access-control-allow-origin", origin.encode()), (b"vary", b"Origin"),
                        (b"access-control-allow-methods", b"GET, POST, PUT, PATCH, DELETE, OPTIONS"),
-                       (b"access-control-allow-headers", (_header(scope, b"access-control-request-headers") or "*").encode()),
+                       (b"access-control-allow-headers", (header_value(scope["headers"], b"access-control-request-headers") or "*").encode()),
                        (b"access-control-max-age", b"600"), (b"content-length", b"0")]
             await send({"type": "http.response.start", "status": 204, "headers": headers})
             await send({"type": "http.response.body", "body": b""})
@@ -3582,6 +3580,9 @@ class App:
             for call, task in list(self.active.items()):
                 call.aborted = "sharing_off"
                 task.cancel()
+
+
+# ── dashboard: the owner's single page, embedded so it works offline with no build step ────────────────
 
 
 DASHBOARD_HTML = """<!doctype html>
