@@ -1690,6 +1690,8 @@ class Policy:
 
     def admit(self, principal: Principal) -> list[Quota]:
         """Count one request against every quota that applies, or refuse with 429 and Retry-After."""
+        if self.share == "off":  # switched off while this request was still arriving
+            raise unavailable("The owner has stopped sharing for now.", "sharing_off", retry_after=60)
         held = [q for q in self.quotas(principal) if q.limited]
         if not held:
             return held
