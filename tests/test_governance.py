@@ -396,3 +396,13 @@ def test_no_secret_appears_anywhere(node_factory: Any, gateway_factory: Any) -> 
         for text in [*seen, logs]:
             assert secret not in text
     assert key.encode() not in database and admin.encode() not in database  # only the key's salted hash is kept
+
+
+def test_usage_meter_reads_anthropic_counts_from_one_chunk() -> None:
+    """message_start carries the input count and message_delta the output count; one read may hold both."""
+    chunk = (b'event: message_start\ndata: {"type":"message_start","message":{"usage":{"input_tokens":21,'
+             b'"output_tokens":1}}}\n\nevent: content_block_delta\ndata: {"type":"content_block_delta"}\n\n'
+             b'event: message_delta\ndata: {"type":"message_delta","usage":{"output_tokens":9}}\n\n')
+    meter = vampire.UsageMeter()
+    meter.feed(chunk)
+    assert (meter.prompt, meter.completion) == (21, 9)
