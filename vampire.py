@@ -476,9 +476,6 @@ class Node:
     def routable(self) -> bool:
         return self.trusted and self.admin_state == "active" and self.health == "online"
 
-    def auth_headers(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.token}"} if self.token else {}
-
     def observe_latency(self, seconds: float) -> None:
         ms = seconds * 1000.0
         self.latency_ms = ms if self.latency_ms is None else 0.8 * self.latency_ms + 0.2 * ms
@@ -565,11 +562,6 @@ async def _get_json(
         return resp.status, json.loads(body)
     except ValueError:
         return resp.status, body.decode("utf-8", "replace")
-
-
-def _is_unexpected_endpoint(body: Any) -> bool:
-    """LM Studio answers unknown routes with HTTP 200 and this body: never trust the status alone."""
-    return isinstance(body, dict) and isinstance(body.get("error"), str) and "Unexpected endpoint" in body["error"]
 
 
 async def interrogate(http: aiohttp.ClientSession, url: str, token: str | None, timeout: float) -> Interrogation:
@@ -1250,7 +1242,7 @@ class Router:
     def model_ids(self) -> list[str]:
         return sorted(self.index())
 
-    def choice_of_nodes(self, model: str) -> bool:
+    def choice_of_nodes(self) -> bool:
         """Whether stickiness can matter: more than one routable node, so a conversation could move."""
         self.index()
         return self._routable_nodes > 1
@@ -2126,12 +2118,6 @@ def _anthropic_events(answer: dict[str, Any]) -> list[bytes]:
     return frames
 
 
-def strip_usage_frames(chunks: Iterable[bytes]) -> list[bytes]:
-    strip = UsageFrameFilter()
-    out = [strip.feed(c) for c in chunks]
-    return [c for c in [*out, strip.flush()] if c]
-
-
 # ── gateway: the data plane; a lean ASGI path from client to node and back, streams relayed as they come ─
 
 
@@ -2342,7 +2328,7 @@ class Gateway:
             if call.cacheable or call.coalescable:
                 await self.app.sharing.serve(call, plan, receive, send)
             else:
-                await self.relay_with_watch(call, plan, receive, send)
+                await self.watching(call, receive, self.relay(call, plan, send))
         except HTTPError as exc:
             call.status, call.error = exc.status, exc.code
             if exc.status in (401, 403):
@@ -2404,7 +2390,7 @@ class Gateway:
             raise HTTPError(400, f"Unknown strategy `{strategy}`; use one of {', '.join(STRATEGIES)}.",
                             "invalid_strategy", param="vampire.strategy")
         call.session = call.header(b"x-vampire-session") or (
-            conversation_key(model, payload) if self.router.choice_of_nodes(model) else None
+            conversation_key(model, payload) if self.router.choice_of_nodes() else None
         )
         previous = payload.get("previous_response_id")
         plan = self.router.plan(model, needs_of(kind or "other", payload, call.body), strategy, call.session,
@@ -2457,10 +2443,6 @@ class Gateway:
         if node.token:
             headers["Authorization"] = f"Bearer {node.token}"
         return headers
-
-    async def relay_with_watch(self, call: Call, plan: Plan, receive: Receive, send: Send) -> None:
-        """Relay, cancelling the upstream request at once if the client goes away meanwhile."""
-        await self.watching(call, receive, self.relay(call, plan, send))
 
     async def watching(self, call: Call, receive: Receive, work: Awaitable[None]) -> None:
         """Run `work` for this client; if the client disconnects meanwhile, cancel it at once. The watch
@@ -3460,19 +3442,9 @@ class App:
 
     async def start(self) -> None:
         s = self.settings
-        resolver = GuardedResolver(lambda: s.allow_public_nodes)
-        timeout = aiohttp.ClientTimeout(total=None, connect=s.connect_timeout_s, sock_read=s.first_byte_timeout_s)
-        self.gateway.http = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0, resolver=resolver), timeout=timeout, auto_decompress=False,
-            skip_auto_headers=("Accept-Encoding", "User-Agent"),
-        )
-        self.gateway.fresh_http = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0, force_close=True, resolver=GuardedResolver(lambda: s.allow_public_nodes)),
-            timeout=timeout, auto_decompress=False, skip_auto_headers=("Accept-Encoding", "User-Agent"),
-        )
-        self.registry.http = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=64, resolver=GuardedResolver(lambda: s.allow_public_nodes))
-        )
+        self.gateway.http = self.node_session(relay=True)
+        self.gateway.fresh_http = self.node_session(relay=True, force_close=True)
+        self.registry.http = self.node_session(relay=False)
         self.registry.load()
         self.registry.merge_configured(s.nodes)
         if s.demo:
@@ -3497,6 +3469,18 @@ class App:
             await asyncio.sleep(BatchWriter.FLUSH_EVERY_S)
             self.ledger.flush()
             self.audit_log.flush()
+
+    def node_session(self, *, relay: bool, force_close: bool = False) -> aiohttp.ClientSession:
+        """A client for talking to nodes, SSRF-guarded at connect time. The relay's sessions pass bodies
+        through untouched (no decompression, no added headers) and wait up to the first-byte timeout."""
+        s = self.settings
+        connector = aiohttp.TCPConnector(limit=0 if relay else 64, force_close=force_close,
+                                         resolver=GuardedResolver(lambda: s.allow_public_nodes))
+        if not relay:
+            return aiohttp.ClientSession(connector=connector)
+        timeout = aiohttp.ClientTimeout(total=None, connect=s.connect_timeout_s, sock_read=s.first_byte_timeout_s)
+        return aiohttp.ClientSession(connector=connector, timeout=timeout, auto_decompress=False,
+                                     skip_auto_headers=("Accept-Encoding", "User-Agent"))
 
     async def stop(self) -> None:
         for task in self._tasks:
@@ -6995,7 +6979,7 @@ def print_banner(settings: Settings, server: Any, open_browser: bool) -> Callabl
         port = settings.port
         with contextlib.suppress(Exception):
             port = server.servers[0].sockets[0].getsockname()[1]
-        base = f"http://{'127.0.0.1' if settings.host in ('0.0.0.0', '::') else settings.host}:{port}"
+        base = local_url(settings, port)
         print(f"Vampire {__version__} is listening: OpenAI endpoint {base}/v1, dashboard {base}/ (Ctrl-C stops it)",
               flush=True)
         if open_browser:
@@ -7033,9 +7017,10 @@ def serve_argv(args: argparse.Namespace) -> list[str]:
     return argv
 
 
-def local_url(settings: Settings) -> str:
+def local_url(settings: Settings, port: int | None = None) -> str:
+    """Where this machine reaches the gateway: a bind-all address is reached through 127.0.0.1."""
     host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
-    return f"http://{host}:{settings.port}"
+    return f"http://{host}:{port or settings.port}"
 
 
 def cmd_up(args: argparse.Namespace) -> int:
@@ -7102,8 +7087,7 @@ class GatewayClient:
     def __init__(self, settings: Settings, url: str | None = None) -> None:
         import httpx
 
-        host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
-        self.base = url or f"http://{host}:{settings.port}"
+        self.base = url or local_url(settings)
         headers = {"Authorization": f"Bearer {settings.admin_token}"} if settings.admin_token else {}
         self.http = httpx.Client(base_url=self.base, headers=headers, timeout=60.0)
 
@@ -7299,7 +7283,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     import httpx
 
     settings = load_settings(args)
-    base = args.url or f"http://{'127.0.0.1' if settings.host in ('0.0.0.0', '::') else settings.host}:{settings.port}"
+    base = args.url or local_url(settings)
     body = {"model": args.model, "stream": True, "messages": [{"role": "user", "content": args.prompt}]}
     with httpx.Client(timeout=None) as http, http.stream("POST", f"{base}/v1/chat/completions", json=body) as resp:
         if resp.status_code != 200:
