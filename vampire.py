@@ -2,8 +2,29 @@
 """Vampire: one governed, private, OpenAI-compatible endpoint in front of the LM Studio servers their
 owners chose to share.
 
-Read top to bottom in the order a request flows: settings -> store -> nodes -> discovery -> router ->
-gateway -> control plane -> dashboard -> emulator -> CLI -> service.
+Read top to bottom in the order a request flows. Contents, one line per section banner (a test keeps
+this table and the banners in step):
+
+  settings: defaults < vampire.toml < VAMPIRE_* environment < command-line flags
+  errors and ASGI helpers: errors in each caller's format, and the small ASGI pieces every section uses
+  store: SQLite (WAL) in the data dir; the one place runtime state lives
+  nodes: one approved endpoint, the models it offers, its owner's tier and its circuit breaker
+  interrogation: what a node is and offers (LM Studio 0.4/0.3, Ollama, OpenAI), behind the SSRF guard
+  registry: the approved nodes, kept fresh by a health loop; events that announce their changes
+  discovery: finds endpoints on private networks; discovery is not permission (found = untrusted)
+  policy: who may call (keys, share mode, trusted networks), what they may use, and how much
+  router: picks the node that will answer best: hot model first, then free slots, then latency
+  admission: per-(node, model) slots x tier; a bounded queue when every slot is taken
+  cache: identical concurrent requests share one upstream call; deterministic answers are kept
+  surfaces: token counts read from passing bytes; stream error frames; JSON <-> SSE <-> Anthropic
+  gateway: the data plane: a lean ASGI path from client to node and back, streams relayed as they come
+  accounting: the usage ledger and audit log (batched into SQLite) and Prometheus metrics
+  control plane: /vampire/v1/* for people and tools; Starlette, since none of it is a hot path
+  app: one gateway instance; several can live in one process (tests), nothing global
+  dashboard: the owner's single page, embedded so it works offline with no build step
+  CLI: `vampire <command>`; exit 0 ok, 1 failure, 2 bad usage
+  service: per-user background service, `vampire up`/`down`, the double-click path
+  emulator: a deterministic LM Studio (and Ollama, generic OpenAI) node for demos, CI jobs and tests
 """
 
 from __future__ import annotations
@@ -63,13 +84,16 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
 
-# ── settings: defaults < vampire.toml < VAMPIRE_* environment < command-line flags ─────────────────────
-
+# ── settings: defaults < vampire.toml < VAMPIRE_* environment < command-line flags ────────────────────────
 
 DEFAULT_PORT = 7777
+
 LMSTUDIO_PORT = 1234
+
 OLLAMA_PORT = 11434
+
 SHARE_MODES = ("off", "local", "lan", "keys")
+
 DEFAULT_SLOTS = 4  # LM Studio's own default for API and JIT loads
 
 
@@ -79,7 +103,9 @@ class Settings:
     port: int = DEFAULT_PORT
     nodes: list[str] = field(default_factory=list)  # "url[#token]"
     admin_token: str | None = None
-    data_dir: Path = field(default_factory=lambda: Path(platformdirs.user_data_dir("vampire", appauthor=False)))
+    data_dir: Path = field(
+        default_factory=lambda: Path(platformdirs.user_data_dir("vampire", appauthor=False))
+    )
     log_level: str = "info"
     log_format: str = "text"
     refresh_s: float = 10.0
@@ -240,7 +266,96 @@ def split_node_spec(spec: str) -> tuple[str, str | None]:
     return f"{parts.scheme}://{host}:{port}{path}", (token or None)
 
 
-# ── store: SQLite (WAL) in the data dir; the one place runtime state lives ─────────────────────────────
+# ── errors and ASGI helpers: errors in each caller's format, and the small ASGI pieces every section uses ───
+
+
+class HTTPError(Exception):
+    """A request the gateway answers itself, rendered in the caller's format."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        code: str | None = None,
+        *,
+        param: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status, self.message, self.code, self.param = status, message, code, param
+        self.headers = headers or {}
+
+
+def unavailable(message: str, code: str = "no_node_available", retry_after: int = 5) -> HTTPError:
+    return HTTPError(503, message, code, headers={"Retry-After": str(retry_after)})
+
+
+_OPENAI_ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "invalid_request_error",
+    413: "invalid_request_error",
+    429: "rate_limit_error",
+}
+
+_ANTHROPIC_ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    503: "overloaded_error",
+}
+
+
+def error_body(surface: str, status: int, message: str, code: str | None, param: str | None = None) -> bytes:
+    if surface == "anthropic":
+        kind = _ANTHROPIC_ERROR_TYPES.get(status, "api_error")
+        return json.dumps({"type": "error", "error": {"type": kind, "message": message}}).encode()
+    kind = _OPENAI_ERROR_TYPES.get(status, "server_error")
+    return json.dumps({"error": {"message": message, "type": kind, "param": param, "code": code}}).encode()
+
+
+def parse_json(data: bytes) -> Any:
+    """A request body as JSON, or 400: malformed, or nested deeper than the parser can go."""
+    try:
+        return json.loads(data)
+    except (ValueError, RecursionError) as exc:
+        reason = "it is nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+        raise HTTPError(400, f"The request body is not valid JSON: {reason}.", "invalid_json") from None
+
+
+def storable_text(value: str) -> str:
+    """Text that SQLite and JSON encoders accept: lone surrogates (invalid Unicode) become U+FFFD."""
+    return value.encode("utf-8", "replace").decode("utf-8")
+
+
+def header_value(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> str | None:
+    """One request header (names are lower-case in ASGI), or None."""
+    for key, value in headers:
+        if key == name:
+            return value.decode("latin-1")
+    return None
+
+
+async def send_json(send: Send, status: int, body: Any, extra: Sequence[tuple[bytes, bytes]] = ()) -> None:
+    data = json.dumps(body).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode()), *extra]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": data})
+
+
+@functools.lru_cache(maxsize=4096)
+def is_loopback(host: str | None) -> bool:
+    try:
+        return host is not None and ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+# ── store: SQLite (WAL) in the data dir; the one place runtime state lives ────────────────────────────────
 
 
 class Store:
@@ -320,7 +435,9 @@ class Store:
         return self._bodies("realms")
 
     def save_realm(self, realm: dict[str, Any]) -> None:
-        self.db.execute("INSERT OR REPLACE INTO realms (name, body) VALUES (?, ?)", (realm["name"], json.dumps(realm)))
+        self.db.execute(
+            "INSERT OR REPLACE INTO realms (name, body) VALUES (?, ?)", (realm["name"], json.dumps(realm))
+        )
 
     def key_rows(self) -> list[dict[str, Any]]:
         return self._bodies("keys")
@@ -344,16 +461,24 @@ class Store:
             raise
         self.db.execute("COMMIT")
 
-    USAGE_GROUPS = {"key": "COALESCE(key_id, '-')", "model": "model", "node": "COALESCE(node, '-')",
-                    "realm": "realm", "day": "date(time, 'unixepoch')"}
+    USAGE_GROUPS = {
+        "key": "COALESCE(key_id, '-')",
+        "model": "model",
+        "node": "COALESCE(node, '-')",
+        "realm": "realm",
+        "day": "date(time, 'unixepoch')",
+    }
 
     def usage(self, group_by: str, since: float) -> list[dict[str, Any]]:
         column = self.USAGE_GROUPS[group_by]
         rows = self.db.execute(
             f"SELECT {column} AS grp, COUNT(*), SUM(prompt_tokens), SUM(completion_tokens) FROM usage"
-            " WHERE time >= ? GROUP BY grp ORDER BY grp", (since,),
+            " WHERE time >= ? GROUP BY grp ORDER BY grp",
+            (since,),
         ).fetchall()
-        return [{"group": r[0], "requests": r[1], "prompt_tokens": r[2], "completion_tokens": r[3]} for r in rows]
+        return [
+            {"group": r[0], "requests": r[1], "prompt_tokens": r[2], "completion_tokens": r[3]} for r in rows
+        ]
 
     def add_audit(self, rows: list[tuple[Any, ...]]) -> None:
         self._insert_batch("INSERT INTO audit VALUES (?, ?, ?, ?, ?)", rows)
@@ -368,15 +493,16 @@ class Store:
 
     def set_setting(self, key: str, value: str) -> None:
         self.db.execute(
-            "INSERT INTO settings (key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+            "INSERT INTO settings (key, value) VALUES (?, ?)"
+            " ON CONFLICT(key) DO UPDATE SET value = excluded.value",
             (key, value),
         )
 
 
-# ── nodes: what each approved endpoint offers, learned by interrogation, kept fresh by a health loop ──
-
+# ── nodes: one approved endpoint, the models it offers, its owner's tier and its circuit breaker ──────────
 
 MODEL_TYPES = ("llm", "vlm", "embedding")
+
 TIER_RE = re.compile(r"^vampire(\d{0,3})(?::.*)?$", re.DOTALL)
 
 
@@ -464,8 +590,10 @@ class Node:
 
     @property
     def state(self) -> str:
-        return "disabled" if self.admin_state == "disabled" else (
-            "draining" if self.admin_state == "draining" else self.health
+        return (
+            "disabled"
+            if self.admin_state == "disabled"
+            else ("draining" if self.admin_state == "draining" else self.health)
         )
 
     @property
@@ -486,13 +614,65 @@ class Node:
 
     def public(self) -> dict[str, Any]:
         return {
-            "id": self.id, "name": self.name, "url": self.url, "kind": self.kind, "version": self.version,
-            "state": self.state, "trusted": self.trusted, "tier": self.tier, "token": mask_secret(self.token),
-            "tags": self.tags, "source": self.source, "in_flight": self.in_flight, "circuit": self.circuit.state,
+            "id": self.id,
+            "name": self.name,
+            "url": self.url,
+            "kind": self.kind,
+            "version": self.version,
+            "state": self.state,
+            "trusted": self.trusted,
+            "tier": self.tier,
+            "token": mask_secret(self.token),
+            "tags": self.tags,
+            "source": self.source,
+            "in_flight": self.in_flight,
+            "circuit": self.circuit.state,
             "latency_ms": None if self.latency_ms is None else round(self.latency_ms, 2),
-            "last_seen": self.last_seen, "last_error": self.last_error,
+            "last_seen": self.last_seen,
+            "last_error": self.last_error,
             "models": [m.public() for m in self.models],
         }
+
+
+class Circuit:
+    """Per-node breaker: opens after repeated real failures, lets one trial through after a cool-down,
+    closes on success. Capacity answers (429/503) never count: a busy node is not a broken one."""
+
+    THRESHOLD = 3
+    MAX_COOLDOWN_S = 30.0
+
+    def __init__(self) -> None:
+        self.state = "closed"  # closed | open | half_open
+        self.failures = 0
+        self.trips = 0
+        self.open_until = 0.0
+        self.trial = False
+
+    def allows(self, now: float) -> bool:
+        if self.state == "open" and now >= self.open_until:
+            self.state, self.trial = "half_open", False
+        return self.state == "closed" or (self.state == "half_open" and not self.trial)
+
+    def begin(self) -> None:
+        if self.state == "half_open":
+            self.trial = True
+
+    def success(self) -> None:
+        self.state, self.failures, self.trips, self.trial = "closed", 0, 0, False
+
+    def failure(self, now: float) -> None:
+        self.failures += 1
+        if self.state == "half_open" or self.failures >= self.THRESHOLD:
+            self.trips += 1
+            self.state, self.trial = "open", False
+            self.open_until = now + min(self.MAX_COOLDOWN_S, 2.0 ** (self.trips - 1))
+
+    def abandon(self) -> None:
+        """A trial that ended without a verdict (client left) must not wedge the breaker half-open."""
+        self.trial = False
+
+
+# ── interrogation: what a node is and offers (LM Studio 0.4/0.3, Ollama, OpenAI), behind the SSRF guard ───
 
 
 @dataclass
@@ -564,7 +744,9 @@ async def _get_json(
         return resp.status, body.decode("utf-8", "replace")
 
 
-async def interrogate(http: aiohttp.ClientSession, url: str, token: str | None, timeout: float) -> Interrogation:
+async def interrogate(
+    http: aiohttp.ClientSession, url: str, token: str | None, timeout: float
+) -> Interrogation:
     """Identify a node (LM Studio 0.4 / 0.3, Ollama, other OpenAI server) and read its inventory."""
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     started = time.perf_counter()
@@ -576,7 +758,9 @@ async def interrogate(http: aiohttp.ClientSession, url: str, token: str | None, 
     return result
 
 
-async def _identify(http: aiohttp.ClientSession, url: str, headers: dict[str, str], timeout: float) -> Interrogation:
+async def _identify(
+    http: aiohttp.ClientSession, url: str, headers: dict[str, str], timeout: float
+) -> Interrogation:
     status, greeting = await _get_json(http, url + "/lmstudio-greeting", headers, timeout)
     if status in (401, 403):
         return Interrogation("unauthorized", kind="lmstudio", error=f"HTTP {status} from the node")
@@ -593,7 +777,9 @@ async def _interrogate_lmstudio(
 ) -> Interrogation:
     status, body = await _get_json(http, url + "/api/v1/models", headers, timeout)
     if status in (401, 403):
-        return Interrogation("unauthorized", "lmstudio", str(version or "0.4"), error=f"HTTP {status} from the node")
+        return Interrogation(
+            "unauthorized", "lmstudio", str(version or "0.4"), error=f"HTTP {status} from the node"
+        )
     if status == 200 and isinstance(body, dict) and isinstance(body.get("models"), list):
         models = [_model_from_lmstudio_v1(m) for m in body["models"] if isinstance(m, dict)]
         return Interrogation("online", "lmstudio", str(version or "0.4"), _expand_instances(models))
@@ -611,18 +797,29 @@ def _model_from_lmstudio_v1(raw: dict[str, Any]) -> ModelInfo:
     instances = [i for i in raw.get("loaded_instances") or [] if isinstance(i, dict)]
     config = (instances[0].get("config") or {}) if instances else {}
     capabilities = [
-        name for name, on in (
-            ("vision", caps.get("vision")), ("tools", caps.get("trained_for_tool_use")), ("reasoning", caps.get("reasoning"))
-        ) if on
+        name
+        for name, on in (
+            ("vision", caps.get("vision")),
+            ("tools", caps.get("trained_for_tool_use")),
+            ("reasoning", caps.get("reasoning")),
+        )
+        if on
     ]
     quant = raw.get("quantization")
     kind = "embedding" if raw.get("type") == "embedding" else ("vlm" if caps.get("vision") else "llm")
     return ModelInfo(
-        id=str(raw.get("key") or raw.get("id") or ""), type=kind, loaded=bool(instances),
-        instances=[str(i.get("id")) for i in instances], context_length=config.get("context_length"),
-        max_context_length=raw.get("max_context_length"), capabilities=capabilities, capabilities_known=True,
-        slots=int(config.get("parallel") or DEFAULT_SLOTS), format=raw.get("format"),
-        quantization=quant.get("name") if isinstance(quant, dict) else quant, size_bytes=raw.get("size_bytes"),
+        id=str(raw.get("key") or raw.get("id") or ""),
+        type=kind,
+        loaded=bool(instances),
+        instances=[str(i.get("id")) for i in instances],
+        context_length=config.get("context_length"),
+        max_context_length=raw.get("max_context_length"),
+        capabilities=capabilities,
+        capabilities_known=True,
+        slots=int(config.get("parallel") or DEFAULT_SLOTS),
+        format=raw.get("format"),
+        quantization=quant.get("name") if isinstance(quant, dict) else quant,
+        size_bytes=raw.get("size_bytes"),
     )
 
 
@@ -643,9 +840,15 @@ def _model_from_lmstudio_v0(raw: dict[str, Any]) -> ModelInfo:
     capabilities = (["vision"] if kind == "vlm" else []) + (["tools"] if "tool_use" in caps else [])
     loaded = raw.get("state") == "loaded"
     return ModelInfo(
-        id=str(raw.get("id", "")), type=kind, loaded=loaded, instances=[str(raw.get("id"))] if loaded else [],
-        context_length=raw.get("loaded_context_length"), max_context_length=raw.get("max_context_length"),
-        capabilities=capabilities, capabilities_known="capabilities" in raw, format=raw.get("compatibility_type"),
+        id=str(raw.get("id", "")),
+        type=kind,
+        loaded=loaded,
+        instances=[str(raw.get("id"))] if loaded else [],
+        context_length=raw.get("loaded_context_length"),
+        max_context_length=raw.get("max_context_length"),
+        capabilities=capabilities,
+        capabilities_known="capabilities" in raw,
+        format=raw.get("compatibility_type"),
         quantization=raw.get("quantization"),
     )
 
@@ -663,15 +866,28 @@ async def _interrogate_ollama(
         name = str(raw.get("name") or raw.get("model"))
         caps = raw.get("capabilities") or []
         details = raw.get("details") or {}
-        kind = "embedding" if "embedding" in caps or "embed" in name else ("vlm" if "vision" in caps else "llm")
+        kind = (
+            "embedding" if "embedding" in caps or "embed" in name else ("vlm" if "vision" in caps else "llm")
+        )
         loaded = running.get(name)
-        models.append(ModelInfo(
-            id=name, type=kind, loaded=loaded is not None, instances=[name] if loaded else [],
-            context_length=(loaded or {}).get("context_length"),
-            capabilities=[c for c, k in (("vision", "vision"), ("tools", "tools"), ("reasoning", "thinking")) if k in caps],
-            capabilities_known=bool(caps),
-            format=details.get("format"), quantization=details.get("quantization_level"), size_bytes=raw.get("size"),
-        ))
+        models.append(
+            ModelInfo(
+                id=name,
+                type=kind,
+                loaded=loaded is not None,
+                instances=[name] if loaded else [],
+                context_length=(loaded or {}).get("context_length"),
+                capabilities=[
+                    c
+                    for c, k in (("vision", "vision"), ("tools", "tools"), ("reasoning", "thinking"))
+                    if k in caps
+                ],
+                capabilities_known=bool(caps),
+                format=details.get("format"),
+                quantization=details.get("quantization_level"),
+                size_bytes=raw.get("size"),
+            )
+        )
     return Interrogation("online", "ollama", version, models)
 
 
@@ -697,6 +913,9 @@ def _describe_error(exc: BaseException) -> str:
     if isinstance(exc, asyncio.TimeoutError):
         return "timed out"
     return str(exc) or type(exc).__name__
+
+
+# ── registry: the approved nodes, kept fresh by a health loop; events that announce their changes ─────────
 
 
 @dataclass
@@ -796,16 +1015,28 @@ class Registry:
         return candidate
 
     async def add(
-        self, url: str, *, token: str | None = None, name: str | None = None, trusted: bool = True,
-        tags: list[str] | None = None, source: str = "runtime",
+        self,
+        url: str,
+        *,
+        token: str | None = None,
+        name: str | None = None,
+        trusted: bool = True,
+        tags: list[str] | None = None,
+        source: str = "runtime",
     ) -> Node:
         url, url_token = split_node_spec(url)
         await check_node_address(url, self.settings.allow_public_nodes)
         if self.by_url(url):
-            raise NodeRefused(f"{url} is already registered as node {self.by_url(url).id}")  # type: ignore[union-attr]
+            known = self.by_url(url)
+            raise NodeRefused(f"{url} is already registered as node {known.id if known else url}")
         node = Node(
-            id=self._free_id(url), url=url, name=name or urlsplit(url).netloc, token=token or url_token,
-            trusted=trusted, tags=tags or [], source=source,
+            id=self._free_id(url),
+            url=url,
+            name=name or urlsplit(url).netloc,
+            token=token or url_token,
+            trusted=trusted,
+            tags=tags or [],
+            source=source,
         )
         self.nodes[node.id] = node
         self._save(node)
@@ -833,7 +1064,9 @@ class Registry:
     def _announce(self, node: Node, before: str) -> None:
         if node.state != before:
             log.info("node %s: %s -> %s", node.id, before, node.state)
-            self.events.publish("node", {"id": node.id, "state": node.state, "previous": before, "error": node.last_error})
+            self.events.publish(
+                "node", {"id": node.id, "state": node.state, "previous": before, "error": node.last_error}
+            )
 
     async def probe(self, node: Node) -> None:
         assert self.http is not None
@@ -849,11 +1082,18 @@ class Registry:
         now = time.time()
         if result.health == "online":
             if not (result.kind == "lmstudio" and result.version and not result.version.startswith("0.3")):
-                for model in result.models:  # only LM Studio 0.4 tells; for the rest the owner's setting counts
+                for (
+                    model
+                ) in result.models:  # only LM Studio 0.4 tells; for the rest the owner's setting counts
                     model.slots = self.settings.default_slots
             self._note_fingerprints(node, result)
             node.failures = node.auth_failures = 0
-            node.health, node.kind, node.version, node.models = "online", result.kind, result.version, result.models
+            node.health, node.kind, node.version, node.models = (
+                "online",
+                result.kind,
+                result.version,
+                result.models,
+            )
             node.last_seen, node.last_error = now, None
             node.observe_latency(result.latency_s)
             node.next_probe = time.monotonic() + self.settings.refresh_s
@@ -934,10 +1174,10 @@ class Registry:
         self._wake.set()
 
 
-# ── discovery: finds endpoints on private networks; discovery is not permission (found = untrusted) ────
-
+# ── discovery: finds endpoints on private networks; discovery is not permission (found = untrusted) ───────
 
 DISCOVERY_PORTS = (LMSTUDIO_PORT, OLLAMA_PORT)
+
 MAX_SCAN_ADDRESSES = 65_536
 
 
@@ -964,7 +1204,9 @@ def scan_targets(subnets: Sequence[str], ports: Sequence[int], allow_public: boo
         if not allow_public and not (net.is_private or net.is_loopback or net.is_link_local):
             raise NodeRefused(f"{cidr} is not a private or loopback range (use --allow-public to scan it)")
         if net.num_addresses > MAX_SCAN_ADDRESSES:
-            raise NodeRefused(f"{cidr} has {net.num_addresses} addresses; scan at most {MAX_SCAN_ADDRESSES} at once")
+            raise NodeRefused(
+                f"{cidr} has {net.num_addresses} addresses; scan at most {MAX_SCAN_ADDRESSES} at once"
+            )
         addresses = list(net.hosts()) if net.num_addresses > 2 else list(net)
         hosts += [f"[{a}]" if a.version == 6 else str(a) for a in addresses]
     return [f"http://{host}:{port}" for host in hosts for port in ports]
@@ -983,8 +1225,14 @@ async def _port_open(url: str, timeout: float) -> bool:
 
 
 async def discover(
-    http: aiohttp.ClientSession, subnets: Sequence[str], ports: Sequence[int], *, timeout: float = 0.5,
-    concurrency: int = 256, allow_public: bool = False, on_progress: Callable[[int, int], None] | None = None,
+    http: aiohttp.ClientSession,
+    subnets: Sequence[str],
+    ports: Sequence[int],
+    *,
+    timeout: float = 0.5,
+    concurrency: int = 256,
+    allow_public: bool = False,
+    on_progress: Callable[[int, int], None] | None = None,
 ) -> list[Found]:
     """Probe every subnet address on every port concurrently (bounded); interrogate what answers."""
     targets = scan_targets(subnets, ports, allow_public)
@@ -998,7 +1246,9 @@ async def discover(
             if await _port_open(url, timeout):
                 result = await interrogate(http, url, None, max(timeout, 2.0))
                 if result.health != "offline":
-                    found.append(Found(url, result.kind, result.version, [m.id for m in result.models], result.health))
+                    found.append(
+                        Found(url, result.kind, result.version, [m.id for m in result.models], result.health)
+                    )
         done += 1
         if on_progress:
             on_progress(done, len(targets))
@@ -1007,466 +1257,10 @@ async def discover(
     return sorted(found, key=lambda f: f.url)
 
 
-# ── router: picks the node that will answer best — hot model first, then free slots, then latency ──────
-
-
-AUTO_MODEL = "vampire:auto"
-STRATEGIES = ("auto", "round_robin", "least_busy", "least_latency", "model_affinity", "trusted_only")
-# Strategies that wait for a slot where the model is hot rather than trigger a JIT load elsewhere: a load
-# costs seconds to a minute and, with LM Studio's auto-evict, throws out the model that node was serving.
-HOT_FIRST = frozenset({"auto", "model_affinity", "trusted_only"})
-IMAGE_PART_TYPES = frozenset({"image_url", "image", "input_image"})
-OWNER_SOURCES = frozenset({"config", "local", "demo"})
-
-
-class HTTPError(Exception):
-    """A request the gateway answers itself, rendered in the caller's format."""
-
-    def __init__(
-        self, status: int, message: str, code: str | None = None, *, param: str | None = None,
-        headers: dict[str, str] | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.status, self.message, self.code, self.param = status, message, code, param
-        self.headers = headers or {}
-
-
-def unavailable(message: str, code: str = "no_node_available", retry_after: int = 5) -> HTTPError:
-    return HTTPError(503, message, code, headers={"Retry-After": str(retry_after)})
-
-
-@dataclass
-class Needs:
-    """What a request asks of a model, read cheaply from its body."""
-
-    kind: str = "other"  # chat | completion | embedding | other
-    vision: bool = False
-    tools: bool = False
-    prompt_tokens: int = 0
-
-
-def needs_of(kind: str, payload: dict[str, Any], body: bytes) -> Needs:
-    # Only bodies that mention "image" are walked, so plain text requests pay one bytes search.
-    vision = b"image" in body and _has_image_part(payload.get("messages") or payload.get("input"))
-    return Needs(kind, vision, bool(payload.get("tools")), len(body) // 4)
-
-
-def conversation_key(model: str, payload: dict[str, Any]) -> str | None:
-    """A conversation is known by its opening messages: later turns repeat them, so they hash alike and
-    return to the node that already holds the conversation's prompt cache."""
-    messages = payload.get("messages")
-    if not isinstance(messages, list) or not messages:
-        return None
-    opening = json.dumps(messages[:2], sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.blake2b(f"{model}\n{opening}".encode(), digest_size=12).hexdigest()
-
-
-RESPONSE_ID_RE = re.compile(rb'"id"\s*:\s*"(resp_[^"]+)"')
-
-
-def _has_image_part(value: Any, depth: int = 0) -> bool:
-    if depth > 6:
-        return False
-    if isinstance(value, dict):
-        return value.get("type") in IMAGE_PART_TYPES or any(_has_image_part(v, depth + 1) for v in value.values())
-    if isinstance(value, list):
-        return any(_has_image_part(v, depth + 1) for v in value)
-    return False
-
-
-def misfit(model: ModelInfo, needs: Needs) -> str | None:
-    """Why this model cannot serve the request, or None when it can."""
-    if needs.kind == "embedding" and model.type != "embedding":
-        return "not an embedding model"
-    if needs.kind in ("chat", "completion") and model.type == "embedding":
-        return "an embedding model cannot generate text"
-    if needs.vision and model.type != "vlm" and "vision" not in model.capabilities:
-        return "no vision: the request has image parts"
-    if needs.tools and model.capabilities_known and "tools" not in model.capabilities:
-        return "not trained for tool use"
-    if model.loaded and model.context_length and needs.prompt_tokens > model.context_length:
-        return f"loaded context {model.context_length} is shorter than the prompt (~{needs.prompt_tokens} tokens)"
-    return None
-
-
-class Circuit:
-    """Per-node breaker: opens after repeated real failures, lets one trial through after a cool-down,
-    closes on success. Capacity answers (429/503) never count: a busy node is not a broken one."""
-
-    THRESHOLD = 3
-    MAX_COOLDOWN_S = 30.0
-
-    def __init__(self) -> None:
-        self.state = "closed"  # closed | open | half_open
-        self.failures = 0
-        self.trips = 0
-        self.open_until = 0.0
-        self.trial = False
-
-    def allows(self, now: float) -> bool:
-        if self.state == "open" and now >= self.open_until:
-            self.state, self.trial = "half_open", False
-        return self.state == "closed" or (self.state == "half_open" and not self.trial)
-
-    def begin(self) -> None:
-        if self.state == "half_open":
-            self.trial = True
-
-    def success(self) -> None:
-        self.state, self.failures, self.trips, self.trial = "closed", 0, 0, False
-
-    def failure(self, now: float) -> None:
-        self.failures += 1
-        if self.state == "half_open" or self.failures >= self.THRESHOLD:
-            self.trips += 1
-            self.state, self.trial = "open", False
-            self.open_until = now + min(self.MAX_COOLDOWN_S, 2.0 ** (self.trips - 1))
-
-    def abandon(self) -> None:
-        """A trial that ended without a verdict (client left) must not wedge the breaker half-open."""
-        self.trial = False
-
-
-@dataclass
-class Target:
-    node: Node
-    model: ModelInfo
-
-    @property
-    def upstream_model(self) -> str:
-        return self.model.id
-
-    @property
-    def capacity(self) -> int:
-        return max(1, self.model.slots * self.node.tier // 100)
-
-    @property
-    def busy(self) -> int:
-        return self.node.busy.get(self.model.id, 0)
-
-    @property
-    def warm(self) -> bool:
-        """Loaded, or being loaded by one of our requests (a probe mid-load would still say not loaded)."""
-        return self.model.loaded or self.model.id in self.node.warming
-
-
-@dataclass
-class Route:
-    """A named virtual model: ordered targets, a strategy, and a fallback model when none is available."""
-
-    id: str
-    model: str
-    targets: list[dict[str, str]]
-    strategy: str = "auto"
-    fallback: str | None = None
-
-    @classmethod
-    def from_json(cls, body: dict[str, Any]) -> Route:
-        route_id = body.get("id") or body.get("model")
-        if not isinstance(route_id, str) or not route_id or "@" in route_id:
-            raise HTTPError(400, "A route needs an `id` (without `@`).", "invalid_request", param="id")
-        targets = body.get("targets")
-        if not isinstance(targets, list) or not targets or not all(isinstance(t, dict) and t.get("model") for t in targets):
-            raise HTTPError(400, "`targets` is a non-empty list of {model, node?}.", "invalid_request", param="targets")
-        strategy = body.get("strategy") or "auto"
-        if strategy not in STRATEGIES:
-            raise HTTPError(400, f"`strategy` must be one of {', '.join(STRATEGIES)}.", "invalid_request", param="strategy")
-        fallback = body.get("fallback")
-        return cls(
-            id=route_id, model=str(body.get("model") or route_id),
-            targets=[{"model": str(t["model"]), **({"node": str(t["node"])} if t.get("node") else {})} for t in targets],
-            strategy=strategy, fallback=str(fallback) if fallback else None,
-        )
-
-    def public(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-
-@dataclass
-class Plan:
-    targets: list[Target]
-    strategy: str
-    route: str | None = None
-
-
-class BoundedMap:
-    """A small LRU map (sessions, response ids -> node) that forgets the oldest entries first."""
-
-    def __init__(self, limit: int = 10_000) -> None:
-        self.limit = limit
-        self.data: dict[str, str] = {}
-
-    def get(self, key: str | None) -> str | None:
-        return None if key is None else self.data.get(key)
-
-    def put(self, key: str, value: str) -> None:
-        self.data.pop(key, None)
-        self.data[key] = value
-        if len(self.data) > self.limit:
-            self.data.pop(next(iter(self.data)))
-
-
-class Router:
-    """Resolves a requested model to an ordered list of candidate (node, model) targets."""
-
-    MAX_FALLBACK_DEPTH = 4
-
-    def __init__(self, registry: Registry, store: Store) -> None:
-        self.registry = registry
-        self.store = store
-        self.routes: dict[str, Route] = {r["id"]: Route(**r) for r in store.routes()}
-        self.sessions = BoundedMap()
-        self.responses = BoundedMap()
-        self._affinity: dict[str, str] = {}
-        self._turn: dict[str, int] = {}
-        self._index: dict[str, list[Target]] = {}
-        self._keys: dict[str, list[Target]] = {}
-        self._built = -1
-        self._routable_nodes = 0
-
-    # -- the index of routable (node, model) pairs, rebuilt only when the registry changed ------------
-
-    def index(self) -> dict[str, list[Target]]:
-        if self._built != self.registry.version:
-            index: dict[str, list[Target]] = {}
-            keys: dict[str, list[Target]] = {}
-            for node in self.registry.nodes.values():
-                if node.routable:
-                    for model in node.models:
-                        index.setdefault(model.id, []).append(Target(node, model))
-                        keys.setdefault(model.key, []).append(Target(node, model))
-            self._index, self._keys, self._built = index, keys, self.registry.version
-            self._routable_nodes = sum(1 for n in self.registry.nodes.values() if n.routable)
-        return self._index
-
-    def model_ids(self) -> list[str]:
-        return sorted(self.index())
-
-    def choice_of_nodes(self) -> bool:
-        """Whether stickiness can matter: more than one routable node, so a conversation could move."""
-        self.index()
-        return self._routable_nodes > 1
-
-    # -- routes -----------------------------------------------------------------------------------------
-
-    def save_route(self, route: Route) -> None:
-        self.routes[route.id] = route
-        self.store.save_route(route.public())
-
-    def delete_route(self, route_id: str) -> bool:
-        self.store.delete_route(route_id)
-        return self.routes.pop(route_id, None) is not None
-
-    def route_for(self, requested: str) -> Route | None:
-        return self.routes.get(requested) or next((r for r in self.routes.values() if r.model == requested), None)
-
-    # -- planning ---------------------------------------------------------------------------------------
-
-    def plan(self, requested: str, needs: Needs, strategy: str | None = None, session: str | None = None,
-             previous_response: str | None = None, depth: int = 0) -> Plan:
-        route = self.route_for(requested)
-        strategy = strategy or (route.strategy if route else "auto")
-        if route is None:
-            targets = self.order(self._fit(requested, self.lookup(requested), needs), strategy, requested)
-        else:
-            targets = self._route_targets(route, needs, strategy)
-            if not targets and route.fallback and depth < self.MAX_FALLBACK_DEPTH:
-                return self.plan(route.fallback, needs, strategy, session, previous_response, depth + 1)
-            if not targets:
-                raise unavailable(f"No target of route `{route.id}` is available right now.")
-        now = time.monotonic()
-        allowed = [t for t in targets if t.node.circuit.allows(now)]
-        if not allowed:
-            raise unavailable(f"Every node serving `{requested}` is failing; retrying shortly.", "circuit_open")
-        sticky = self.responses.get(previous_response) or (
-            self.sessions.get(session) if strategy in ("auto", "model_affinity") else None
-        )
-        if sticky:
-            allowed.sort(key=lambda t: t.node.id != sticky)
-        return Plan(allowed, strategy, route.id if route else None)
-
-    def _route_targets(self, route: Route, needs: Needs, strategy: str) -> list[Target]:
-        targets: list[Target] = []
-        for spec in route.targets:
-            ref = f"{spec['model']}@{spec['node']}" if spec.get("node") else spec["model"]
-            try:
-                found = self.lookup(ref)
-            except HTTPError:
-                continue  # a target that is gone or down just doesn't contribute
-            fit = [t for t in found if misfit(t.model, needs) is None]
-            targets += [t for t in self.order(fit, strategy, spec["model"]) if t not in targets]
-        return targets
-
-    def lookup(self, requested: str) -> list[Target]:
-        """Every routable target offering `requested` (exact id, pin, then key); 404 when nobody does."""
-        index = self.index()
-        if requested == AUTO_MODEL:
-            targets = [t for ts in index.values() for t in ts if t.model.type != "embedding" and t.model.loaded]
-            if not targets:
-                raise unavailable("No chat model is loaded on any available node.")
-            return targets
-        targets = index.get(requested) or self._pinned(requested) or self._keys.get(model_key(requested), [])
-        if not targets:
-            self.raise_unknown(requested)
-        return targets
-
-    def _pinned(self, requested: str) -> list[Target]:
-        model, sep, node_ref = requested.rpartition("@")
-        node = self.registry.find(node_ref) if sep else None
-        if node is None:
-            return []
-        if not node.routable:
-            raise unavailable(f"Node `{node_ref}` is {node.state if node.trusted else 'not trusted'}.", "node_unavailable")
-        exact = [Target(node, m) for m in node.models if m.id == model]
-        return exact or [Target(node, m) for m in node.models if m.key == model_key(model)]
-
-    def raise_unknown(self, requested: str) -> None:
-        known = self.model_ids()
-        if not known:
-            raise unavailable("No node is available right now.")
-        listed = ", ".join([AUTO_MODEL, *sorted(self.routes), *known])
-        raise HTTPError(
-            404, f"The model `{requested}` does not exist. Available models: {listed}.", "model_not_found", param="model"
-        )
-
-    def _fit(self, requested: str, targets: list[Target], needs: Needs) -> list[Target]:
-        fit = [t for t in targets if misfit(t.model, needs) is None]
-        if not fit:
-            reason = misfit(targets[0].model, needs)
-            raise HTTPError(400, f"The model `{requested}` cannot serve this request: {reason}.",
-                            "unsupported_capability", param="model")
-        return fit
-
-    def order(self, targets: list[Target], strategy: str, model: str) -> list[Target]:
-        if strategy == "round_robin":
-            ring = sorted(targets, key=lambda t: t.node.id)
-            turn = self._turn[model] = self._turn.get(model, -1) + 1
-            return ring[turn % len(ring):] + ring[:turn % len(ring)] if ring else ring
-        if strategy == "least_busy":
-            return sorted(targets, key=lambda t: (t.busy / t.capacity, not t.warm, t.node.latency_ms or 0.0))
-        if strategy == "least_latency":
-            return sorted(targets, key=lambda t: (t.node.latency_ms or 0.0, not t.warm))
-        if strategy == "model_affinity":
-            last = self._affinity.get(model)
-            return sorted(targets, key=lambda t: (not t.warm, t.node.id != last, *score(t)[1:]))
-        if strategy == "trusted_only":
-            targets = [t for t in targets if t.node.source in OWNER_SOURCES]
-        return sorted(targets, key=score)
-
-    def remember(self, model: str | None, node: Node, session: str | None) -> None:
-        if model:
-            self._affinity[model] = node.id
-        if session:
-            self.sessions.put(session, node.id)
-
-    # -- explanation (the same rules, with every rejection spelled out) ---------------------------------
-
-    def explain(self, requested: str, needs: Needs, strategy: str | None = None) -> dict[str, Any]:
-        rejected: list[dict[str, Any]] = []
-        wanted = model_key(requested.rpartition("@")[0] or requested)
-        for node in self.registry.nodes.values():
-            reason = self._node_rejection(node)
-            if reason:
-                rejected.append({"node": node.id, "reason": reason})
-                continue
-            offered = [m for m in node.models if m.key == wanted]
-            if not offered and requested != AUTO_MODEL and self.route_for(requested) is None:
-                rejected.append({"node": node.id, "reason": f"does not offer `{requested}`"})
-            rejected += [{"node": node.id, "model": m.id, "reason": why} for m in offered if (why := misfit(m, needs))]
-        try:
-            plan = self.plan(requested, needs, strategy)
-            candidates, error = plan.targets, None
-            strategy = plan.strategy
-        except HTTPError as exc:
-            candidates, error = [], {"status": exc.status, "code": exc.code, "message": exc.message}
-        return {
-            "model": requested, "strategy": strategy or "auto", "error": error,
-            "candidates": [
-                {"node": t.node.id, "model": t.model.id, "loaded": t.model.loaded, "warming": t.model.id in t.node.warming,
-                 "busy": t.busy,
-                 "capacity": t.capacity, "latency_ms": t.node.latency_ms, "score": list(score(t)),
-                 "circuit": t.node.circuit.state}
-                for t in candidates
-            ],
-            "rejected": rejected,
-        }
-
-    @staticmethod
-    def _node_rejection(node: Node) -> str | None:
-        if not node.trusted:
-            return "not trusted (discovery is not permission: `vampire nodes trust` it)"
-        if node.state != "online":
-            return f"node is {node.state}"
-        if node.circuit.state == "open":
-            return "circuit open after repeated failures"
-        return None
-
-    def any_node(self) -> Plan:
-        """For `/v1/*` calls that name no model: the best trusted online node, whatever it holds."""
-        nodes = sorted((n for n in self.registry.nodes.values() if n.routable), key=lambda n: (n.in_flight, n.latency_ms or 0))
-        if not nodes:
-            raise unavailable("No node is available right now.")
-        return Plan([Target(n, n.models[0] if n.models else ModelInfo(id="")) for n in nodes], "auto")
-
-
-def score(target: Target) -> tuple[int, int, float, float]:
-    """`auto`: loaded first (a JIT load costs seconds to a minute); for a cold load, a node where it would
-    evict nothing (LM Studio's auto-evict unloads the previous JIT model); then free slots; then latency."""
-    node = target.node
-    if target.warm:
-        return (0, 0, target.busy / target.capacity, node.latency_ms or 0.0)
-    resident = sum(1 for m in node.models if (m.loaded or m.id in node.warming) and m.type != "embedding")
-    return (1, resident, target.busy / target.capacity, node.latency_ms or 0.0)
-
-
-class Admission:
-    """Per-(node, model) in-flight limits (slots x tier) and one bounded FIFO queue for requests that
-    find every candidate full; a stream holds its slot until it ends."""
-
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
-        self.waiters: deque[asyncio.Future[None]] = deque()
-
-    @staticmethod
-    def has_room(target: Target) -> bool:
-        return target.busy < target.capacity
-
-    @staticmethod
-    def acquire(target: Target) -> None:
-        node = target.node
-        node.in_flight += 1
-        node.busy[target.model.id] = node.busy.get(target.model.id, 0) + 1
-
-    def release(self, target: Target) -> None:
-        node = target.node
-        node.in_flight -= 1
-        node.busy[target.model.id] -= 1
-        while self.waiters:
-            waiter = self.waiters.popleft()
-            if not waiter.done():
-                waiter.set_result(None)
-                break
-
-    async def wait(self, deadline: float) -> None:
-        if len(self.waiters) >= self.settings.queue_max:
-            raise unavailable("The request queue is full.", "queue_full", retry_after=2)
-        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self.waiters.append(waiter)
-        try:
-            await asyncio.wait_for(waiter, max(0.0, deadline - time.monotonic()))
-        except TimeoutError:
-            raise unavailable("Every node holding this model stayed busy; try again.", "queue_timeout") from None
-        finally:
-            if not waiter.done():
-                waiter.cancel()
-            with contextlib.suppress(ValueError):
-                self.waiters.remove(waiter)
-
-
-# ── policy: who may call (keys, share mode, trusted networks), what they may use, and how much ──────────
-
+# ── policy: who may call (keys, share mode, trusted networks), what they may use, and how much ────────────
 
 KEY_PREFIX = "vk-"
+
 DEFAULT_REALM = "personal"
 
 
@@ -1597,7 +1391,9 @@ class Policy:
 
     def set_share(self, mode: str) -> None:
         if mode not in SHARE_MODES:
-            raise HTTPError(400, f"`mode` must be one of {', '.join(SHARE_MODES)}.", "invalid_request", param="mode")
+            raise HTTPError(
+                400, f"`mode` must be one of {', '.join(SHARE_MODES)}.", "invalid_request", param="mode"
+            )
         self.share = mode
         self.store.set_setting("share", mode)
 
@@ -1631,7 +1427,7 @@ class Policy:
         return self.keys.pop(key_id, None) is not None
 
     def key_for(self, secret: str) -> Key | None:
-        body = secret[len(KEY_PREFIX):]
+        body = secret[len(KEY_PREFIX) :]
         key_id, sep, _ = body.partition("_")
         key = self.keys.get(key_id) if sep else None
         if key is None or not key.matches(secret):
@@ -1654,17 +1450,31 @@ class Policy:
         if credential and credential.startswith(KEY_PREFIX):
             key = self.key_for(credential)
             if key is None:
-                raise HTTPError(401, "The Vampire key is not valid (revoked, expired or mistyped).", "invalid_api_key")
+                raise HTTPError(
+                    401, "The Vampire key is not valid (revoked, expired or mistyped).", "invalid_api_key"
+                )
             return Principal(self.realms.get(key.realm) or self.realms[DEFAULT_REALM], key, address)
         if self.keyless_allowed(address):
             return Principal(self.realms[DEFAULT_REALM], None, address)
-        raise HTTPError(401, "A Vampire key (vk-…) is required: send it as `Authorization: Bearer <key>`.",
-                        "invalid_api_key")
+        raise HTTPError(
+            401,
+            "A Vampire key (vk-…) is required: send it as `Authorization: Bearer <key>`.",
+            "invalid_api_key",
+        )
 
     def check_model(self, principal: Principal, model: str) -> None:
-        for allowed, holder in ((principal.key.models if principal.key else [], "key"), (principal.realm.models, "realm")):
-            if allowed and model not in allowed and model_key(model.rpartition("@")[0] or model) not in allowed:
-                raise HTTPError(403, f"This {holder} may not use the model `{model}`.", "model_not_allowed", param="model")
+        for allowed, holder in (
+            (principal.key.models if principal.key else [], "key"),
+            (principal.realm.models, "realm"),
+        ):
+            if (
+                allowed
+                and model not in allowed
+                and model_key(model.rpartition("@")[0] or model) not in allowed
+            ):
+                raise HTTPError(
+                    403, f"This {holder} may not use the model `{model}`.", "model_not_allowed", param="model"
+                )
 
     def quotas(self, principal: Principal) -> list[Quota]:
         realm = principal.realm
@@ -1692,7 +1502,9 @@ class Policy:
             refusal = quota.refusal(now)
             if refusal:
                 reason, wait = refusal
-                raise HTTPError(429, f"Rate limit: {reason}.", "rate_limit_exceeded", headers={"Retry-After": str(wait)})
+                raise HTTPError(
+                    429, f"Rate limit: {reason}.", "rate_limit_exceeded", headers={"Retry-After": str(wait)}
+                )
         for quota in held:
             if quota.rpm is not None:
                 quota.requests.add(now)
@@ -1720,104 +1532,476 @@ def credential_of(headers: list[tuple[bytes, bytes]]) -> str | None:
     return None
 
 
-class UsageMeter:
-    """Reads token counts out of response bytes as they pass — no JSON parsing on the hot path. The last
-    count seen wins, which is right for every surface (OpenAI usage chunk, Anthropic message_delta,
-    Responses response.completed, Ollama's final line)."""
+# ── router: picks the node that will answer best: hot model first, then free slots, then latency ──────────
 
-    PROMPT = re.compile(rb'"(?:prompt_tokens|input_tokens|prompt_eval_count)"\s*:\s*(\d+)')
-    COMPLETION = re.compile(rb'"(?:completion_tokens|output_tokens|eval_count)"\s*:\s*(\d+)')
+AUTO_MODEL = "vampire:auto"
 
-    __slots__ = ("completion", "prompt", "tail")
+STRATEGIES = ("auto", "round_robin", "least_busy", "least_latency", "model_affinity", "trusted_only")
 
-    def __init__(self) -> None:
-        self.prompt: int | None = None
-        self.completion: int | None = None
-        self.tail = b""
 
-    def feed(self, data: bytes) -> None:
-        seam = self.tail + data[:32]  # a key split across two chunks is still found
-        if b"tokens" in data or b"_count" in data or b"tokens" in seam or b"_count" in seam:
-            window = self.tail + data
-            for match in self.PROMPT.finditer(window):
-                self.prompt = int(match.group(1))
-            for match in self.COMPLETION.finditer(window):
-                self.completion = int(match.group(1))
-        self.tail = data[-64:]
+# Strategies that wait for a slot where the model is hot rather than trigger a JIT load elsewhere: a load
+# costs seconds to a minute and, with LM Studio's auto-evict, throws out the model that node was serving.
+HOT_FIRST = frozenset({"auto", "model_affinity", "trusted_only"})
+
+IMAGE_PART_TYPES = frozenset({"image_url", "image", "input_image"})
+
+OWNER_SOURCES = frozenset({"config", "local", "demo"})
+
+
+@dataclass
+class Needs:
+    """What a request asks of a model, read cheaply from its body."""
+
+    kind: str = "other"  # chat | completion | embedding | other
+    vision: bool = False
+    tools: bool = False
+    prompt_tokens: int = 0
+
+
+def needs_of(kind: str, payload: dict[str, Any], body: bytes) -> Needs:
+    # Only bodies that mention "image" are walked, so plain text requests pay one bytes search.
+    vision = b"image" in body and _has_image_part(payload.get("messages") or payload.get("input"))
+    return Needs(kind, vision, bool(payload.get("tools")), len(body) // 4)
+
+
+def conversation_key(model: str, payload: dict[str, Any]) -> str | None:
+    """A conversation is known by its opening messages: later turns repeat them, so they hash alike and
+    return to the node that already holds the conversation's prompt cache."""
+    messages = payload.get("messages")
+    if not isinstance(messages, list) or not messages:
+        return None
+    opening = json.dumps(messages[:2], sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.blake2b(f"{model}\n{opening}".encode(), digest_size=12).hexdigest()
+
+
+RESPONSE_ID_RE = re.compile(rb'"id"\s*:\s*"(resp_[^"]+)"')
+
+
+def _has_image_part(value: Any, depth: int = 0) -> bool:
+    if depth > 6:
+        return False
+    if isinstance(value, dict):
+        return value.get("type") in IMAGE_PART_TYPES or any(
+            _has_image_part(v, depth + 1) for v in value.values()
+        )
+    if isinstance(value, list):
+        return any(_has_image_part(v, depth + 1) for v in value)
+    return False
+
+
+def misfit(model: ModelInfo, needs: Needs) -> str | None:
+    """Why this model cannot serve the request, or None when it can."""
+    if needs.kind == "embedding" and model.type != "embedding":
+        return "not an embedding model"
+    if needs.kind in ("chat", "completion") and model.type == "embedding":
+        return "an embedding model cannot generate text"
+    if needs.vision and model.type != "vlm" and "vision" not in model.capabilities:
+        return "no vision: the request has image parts"
+    if needs.tools and model.capabilities_known and "tools" not in model.capabilities:
+        return "not trained for tool use"
+    if model.loaded and model.context_length and needs.prompt_tokens > model.context_length:
+        tokens = needs.prompt_tokens
+        return f"loaded context {model.context_length} is shorter than the prompt (~{tokens} tokens)"
+    return None
+
+
+@dataclass
+class Target:
+    node: Node
+    model: ModelInfo
 
     @property
-    def total(self) -> int:
-        return (self.prompt or 0) + (self.completion or 0)
+    def upstream_model(self) -> str:
+        return self.model.id
+
+    @property
+    def capacity(self) -> int:
+        return max(1, self.model.slots * self.node.tier // 100)
+
+    @property
+    def busy(self) -> int:
+        return self.node.busy.get(self.model.id, 0)
+
+    @property
+    def warm(self) -> bool:
+        """Loaded, or being loaded by one of our requests (a probe mid-load would still say not loaded)."""
+        return self.model.loaded or self.model.id in self.node.warming
 
 
-class UsageFrameFilter:
-    """Removes the usage chunk the gateway asked for on the client's behalf, so the client gets exactly the
-    stream it requested. Frames pass through whole and unchanged; only a `choices: []` usage frame is dropped."""
+@dataclass
+class Route:
+    """A named virtual model: ordered targets, a strategy, and a fallback model when none is available."""
 
-    __slots__ = ("pending",)
+    id: str
+    model: str
+    targets: list[dict[str, str]]
+    strategy: str = "auto"
+    fallback: str | None = None
 
-    def __init__(self) -> None:
-        self.pending = b""
+    @classmethod
+    def from_json(cls, body: dict[str, Any]) -> Route:
+        route_id = body.get("id") or body.get("model")
+        if not isinstance(route_id, str) or not route_id or "@" in route_id:
+            raise HTTPError(400, "A route needs an `id` (without `@`).", "invalid_request", param="id")
+        targets = body.get("targets")
+        if (
+            not isinstance(targets, list)
+            or not targets
+            or not all(isinstance(t, dict) and t.get("model") for t in targets)
+        ):
+            raise HTTPError(
+                400, "`targets` is a non-empty list of {model, node?}.", "invalid_request", param="targets"
+            )
+        strategy = body.get("strategy") or "auto"
+        if strategy not in STRATEGIES:
+            raise HTTPError(
+                400,
+                f"`strategy` must be one of {', '.join(STRATEGIES)}.",
+                "invalid_request",
+                param="strategy",
+            )
+        fallback = body.get("fallback")
+        return cls(
+            id=route_id,
+            model=str(body.get("model") or route_id),
+            targets=[
+                {"model": str(t["model"]), **({"node": str(t["node"])} if t.get("node") else {})}
+                for t in targets
+            ],
+            strategy=strategy,
+            fallback=str(fallback) if fallback else None,
+        )
 
-    def feed(self, chunk: bytes) -> bytes:
-        data = self.pending + chunk if self.pending else chunk
-        cut = data.rfind(b"\n\n")
-        if cut < 0:
-            self.pending = data
-            return b""
-        if cut + 2 == len(data):  # the usual case: whole frames, nothing held back, nothing copied
-            complete, self.pending = data, b""
+    def public(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class Plan:
+    targets: list[Target]
+    strategy: str
+    route: str | None = None
+
+
+class BoundedMap:
+    """A small LRU map (sessions, response ids -> node) that forgets the oldest entries first."""
+
+    def __init__(self, limit: int = 10_000) -> None:
+        self.limit = limit
+        self.data: dict[str, str] = {}
+
+    def get(self, key: str | None) -> str | None:
+        return None if key is None else self.data.get(key)
+
+    def put(self, key: str, value: str) -> None:
+        self.data.pop(key, None)
+        self.data[key] = value
+        if len(self.data) > self.limit:
+            self.data.pop(next(iter(self.data)))
+
+
+class Router:
+    """Resolves a requested model to an ordered list of candidate (node, model) targets."""
+
+    MAX_FALLBACK_DEPTH = 4
+
+    def __init__(self, registry: Registry, store: Store) -> None:
+        self.registry = registry
+        self.store = store
+        self.routes: dict[str, Route] = {r["id"]: Route(**r) for r in store.routes()}
+        self.sessions = BoundedMap()
+        self.responses = BoundedMap()
+        self._affinity: dict[str, str] = {}
+        self._turn: dict[str, int] = {}
+        self._index: dict[str, list[Target]] = {}
+        self._keys: dict[str, list[Target]] = {}
+        self._built = -1
+        self._routable_nodes = 0
+
+    # -- the index of routable (node, model) pairs, rebuilt only when the registry changed ------------
+
+    def index(self) -> dict[str, list[Target]]:
+        if self._built != self.registry.version:
+            index: dict[str, list[Target]] = {}
+            keys: dict[str, list[Target]] = {}
+            for node in self.registry.nodes.values():
+                if node.routable:
+                    for model in node.models:
+                        index.setdefault(model.id, []).append(Target(node, model))
+                        keys.setdefault(model.key, []).append(Target(node, model))
+            self._index, self._keys, self._built = index, keys, self.registry.version
+            self._routable_nodes = sum(1 for n in self.registry.nodes.values() if n.routable)
+        return self._index
+
+    def model_ids(self) -> list[str]:
+        return sorted(self.index())
+
+    def choice_of_nodes(self) -> bool:
+        """Whether stickiness can matter: more than one routable node, so a conversation could move."""
+        self.index()
+        return self._routable_nodes > 1
+
+    # -- routes -----------------------------------------------------------------------------------------
+
+    def save_route(self, route: Route) -> None:
+        self.routes[route.id] = route
+        self.store.save_route(route.public())
+
+    def delete_route(self, route_id: str) -> bool:
+        self.store.delete_route(route_id)
+        return self.routes.pop(route_id, None) is not None
+
+    def route_for(self, requested: str) -> Route | None:
+        return self.routes.get(requested) or next(
+            (r for r in self.routes.values() if r.model == requested), None
+        )
+
+    # -- planning ---------------------------------------------------------------------------------------
+
+    def plan(
+        self,
+        requested: str,
+        needs: Needs,
+        strategy: str | None = None,
+        session: str | None = None,
+        previous_response: str | None = None,
+        depth: int = 0,
+    ) -> Plan:
+        route = self.route_for(requested)
+        strategy = strategy or (route.strategy if route else "auto")
+        if route is None:
+            targets = self.order(self._fit(requested, self.lookup(requested), needs), strategy, requested)
         else:
-            complete, self.pending = data[: cut + 2], data[cut + 2:]
-        if b'"usage"' not in complete:
-            return complete
-        return b"".join(frame + b"\n\n" for frame in complete.split(b"\n\n")[:-1] if not _is_usage_frame(frame))
+            targets = self._route_targets(route, needs, strategy)
+            if not targets and route.fallback and depth < self.MAX_FALLBACK_DEPTH:
+                return self.plan(route.fallback, needs, strategy, session, previous_response, depth + 1)
+            if not targets:
+                raise unavailable(f"No target of route `{route.id}` is available right now.")
+        now = time.monotonic()
+        allowed = [t for t in targets if t.node.circuit.allows(now)]
+        if not allowed:
+            raise unavailable(
+                f"Every node serving `{requested}` is failing; retrying shortly.", "circuit_open"
+            )
+        sticky = self.responses.get(previous_response) or (
+            self.sessions.get(session) if strategy in ("auto", "model_affinity") else None
+        )
+        if sticky:
+            allowed.sort(key=lambda t: t.node.id != sticky)
+        return Plan(allowed, strategy, route.id if route else None)
 
-    def flush(self) -> bytes:
-        rest, self.pending = self.pending, b""
-        return rest
-
-
-def _is_usage_frame(frame: bytes) -> bool:
-    if not frame.startswith(b"data: ") or b'"usage"' not in frame:
-        return False
-    try:
-        chunk = json.loads(frame[6:])
-    except ValueError:
-        return False
-    return isinstance(chunk, dict) and chunk.get("choices") == [] and chunk.get("usage") is not None
-
-
-class BatchWriter:
-    """Rows (usage ledger, audit log) written to SQLite in small batches, off the request path."""
-
-    FLUSH_EVERY_S = 0.5
-
-    def __init__(self, write: Callable[[list[tuple[Any, ...]]], None]) -> None:
-        self.write = write
-        self.pending: list[tuple[Any, ...]] = []
-
-    def record(self, row: tuple[Any, ...]) -> None:
-        self.pending.append(row)
-
-    def flush(self) -> None:
-        if self.pending:
-            rows, self.pending = self.pending, []
+    def _route_targets(self, route: Route, needs: Needs, strategy: str) -> list[Target]:
+        targets: list[Target] = []
+        for spec in route.targets:
+            ref = f"{spec['model']}@{spec['node']}" if spec.get("node") else spec["model"]
             try:
-                self.write(rows)
-            except (sqlite3.Error, UnicodeError, ValueError):
-                log.exception("could not store %d rows; they are dropped", len(rows))
+                found = self.lookup(ref)
+            except HTTPError:
+                continue  # a target that is gone or down just doesn't contribute
+            fit = [t for t in found if misfit(t.model, needs) is None]
+            targets += [t for t in self.order(fit, strategy, spec["model"]) if t not in targets]
+        return targets
 
-    async def flush_forever(self) -> None:
-        while True:
-            await asyncio.sleep(self.FLUSH_EVERY_S)
-            self.flush()
+    def lookup(self, requested: str) -> list[Target]:
+        """Every routable target offering `requested` (exact id, pin, then key); 404 when nobody does."""
+        index = self.index()
+        if requested == AUTO_MODEL:
+            targets = [
+                t for ts in index.values() for t in ts if t.model.type != "embedding" and t.model.loaded
+            ]
+            if not targets:
+                raise unavailable("No chat model is loaded on any available node.")
+            return targets
+        targets = index.get(requested) or self._pinned(requested) or self._keys.get(model_key(requested), [])
+        if not targets:
+            self.raise_unknown(requested)
+        return targets
+
+    def _pinned(self, requested: str) -> list[Target]:
+        model, sep, node_ref = requested.rpartition("@")
+        node = self.registry.find(node_ref) if sep else None
+        if node is None:
+            return []
+        if not node.routable:
+            raise unavailable(
+                f"Node `{node_ref}` is {node.state if node.trusted else 'not trusted'}.", "node_unavailable"
+            )
+        exact = [Target(node, m) for m in node.models if m.id == model]
+        return exact or [Target(node, m) for m in node.models if m.key == model_key(model)]
+
+    def raise_unknown(self, requested: str) -> None:
+        known = self.model_ids()
+        if not known:
+            raise unavailable("No node is available right now.")
+        listed = ", ".join([AUTO_MODEL, *sorted(self.routes), *known])
+        raise HTTPError(
+            404,
+            f"The model `{requested}` does not exist. Available models: {listed}.",
+            "model_not_found",
+            param="model",
+        )
+
+    def _fit(self, requested: str, targets: list[Target], needs: Needs) -> list[Target]:
+        fit = [t for t in targets if misfit(t.model, needs) is None]
+        if not fit:
+            reason = misfit(targets[0].model, needs)
+            raise HTTPError(
+                400,
+                f"The model `{requested}` cannot serve this request: {reason}.",
+                "unsupported_capability",
+                param="model",
+            )
+        return fit
+
+    def order(self, targets: list[Target], strategy: str, model: str) -> list[Target]:
+        if strategy == "round_robin":
+            ring = sorted(targets, key=lambda t: t.node.id)
+            turn = self._turn[model] = self._turn.get(model, -1) + 1
+            return ring[turn % len(ring) :] + ring[: turn % len(ring)] if ring else ring
+        if strategy == "least_busy":
+            return sorted(targets, key=lambda t: (t.busy / t.capacity, not t.warm, t.node.latency_ms or 0.0))
+        if strategy == "least_latency":
+            return sorted(targets, key=lambda t: (t.node.latency_ms or 0.0, not t.warm))
+        if strategy == "model_affinity":
+            last = self._affinity.get(model)
+            return sorted(targets, key=lambda t: (not t.warm, t.node.id != last, *score(t)[1:]))
+        if strategy == "trusted_only":
+            targets = [t for t in targets if t.node.source in OWNER_SOURCES]
+        return sorted(targets, key=score)
+
+    def remember(self, model: str | None, node: Node, session: str | None) -> None:
+        if model:
+            self._affinity[model] = node.id
+        if session:
+            self.sessions.put(session, node.id)
+
+    # -- explanation (the same rules, with every rejection spelled out) ---------------------------------
+
+    def explain(self, requested: str, needs: Needs, strategy: str | None = None) -> dict[str, Any]:
+        rejected: list[dict[str, Any]] = []
+        wanted = model_key(requested.rpartition("@")[0] or requested)
+        for node in self.registry.nodes.values():
+            reason = self._node_rejection(node)
+            if reason:
+                rejected.append({"node": node.id, "reason": reason})
+                continue
+            offered = [m for m in node.models if m.key == wanted]
+            if not offered and requested != AUTO_MODEL and self.route_for(requested) is None:
+                rejected.append({"node": node.id, "reason": f"does not offer `{requested}`"})
+            rejected += [
+                {"node": node.id, "model": m.id, "reason": why} for m in offered if (why := misfit(m, needs))
+            ]
+        try:
+            plan = self.plan(requested, needs, strategy)
+            candidates, error = plan.targets, None
+            strategy = plan.strategy
+        except HTTPError as exc:
+            candidates, error = [], {"status": exc.status, "code": exc.code, "message": exc.message}
+        return {
+            "model": requested,
+            "strategy": strategy or "auto",
+            "error": error,
+            "candidates": [
+                {
+                    "node": t.node.id,
+                    "model": t.model.id,
+                    "loaded": t.model.loaded,
+                    "warming": t.model.id in t.node.warming,
+                    "busy": t.busy,
+                    "capacity": t.capacity,
+                    "latency_ms": t.node.latency_ms,
+                    "score": list(score(t)),
+                    "circuit": t.node.circuit.state,
+                }
+                for t in candidates
+            ],
+            "rejected": rejected,
+        }
+
+    @staticmethod
+    def _node_rejection(node: Node) -> str | None:
+        if not node.trusted:
+            return "not trusted (discovery is not permission: `vampire nodes trust` it)"
+        if node.state != "online":
+            return f"node is {node.state}"
+        if node.circuit.state == "open":
+            return "circuit open after repeated failures"
+        return None
+
+    def any_node(self) -> Plan:
+        """For `/v1/*` calls that name no model: the best trusted online node, whatever it holds."""
+        nodes = sorted(
+            (n for n in self.registry.nodes.values() if n.routable),
+            key=lambda n: (n.in_flight, n.latency_ms or 0),
+        )
+        if not nodes:
+            raise unavailable("No node is available right now.")
+        return Plan([Target(n, n.models[0] if n.models else ModelInfo(id="")) for n in nodes], "auto")
 
 
-# ── cache: identical concurrent requests share one upstream call; finished deterministic results are kept ─
+def score(target: Target) -> tuple[int, int, float, float]:
+    """`auto`: loaded first (a JIT load costs seconds to a minute); for a cold load, a node where it would
+    evict nothing (LM Studio's auto-evict unloads the previous JIT model); then free slots; then latency."""
+    node = target.node
+    if target.warm:
+        return (0, 0, target.busy / target.capacity, node.latency_ms or 0.0)
+    resident = sum(1 for m in node.models if (m.loaded or m.id in node.warming) and m.type != "embedding")
+    return (1, resident, target.busy / target.capacity, node.latency_ms or 0.0)
 
+
+# ── admission: per-(node, model) slots x tier; a bounded queue when every slot is taken ───────────────────
+
+
+class Admission:
+    """Per-(node, model) in-flight limits (slots x tier) and one bounded FIFO queue for requests that
+    find every candidate full; a stream holds its slot until it ends."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.waiters: deque[asyncio.Future[None]] = deque()
+
+    @staticmethod
+    def has_room(target: Target) -> bool:
+        return target.busy < target.capacity
+
+    @staticmethod
+    def acquire(target: Target) -> None:
+        node = target.node
+        node.in_flight += 1
+        node.busy[target.model.id] = node.busy.get(target.model.id, 0) + 1
+
+    def release(self, target: Target) -> None:
+        node = target.node
+        node.in_flight -= 1
+        node.busy[target.model.id] -= 1
+        while self.waiters:
+            waiter = self.waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                break
+
+    async def wait(self, deadline: float) -> None:
+        if len(self.waiters) >= self.settings.queue_max:
+            raise unavailable("The request queue is full.", "queue_full", retry_after=2)
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.waiters.append(waiter)
+        try:
+            await asyncio.wait_for(waiter, max(0.0, deadline - time.monotonic()))
+        except TimeoutError:
+            raise unavailable(
+                "Every node holding this model stayed busy; try again.", "queue_timeout"
+            ) from None
+        finally:
+            if not waiter.done():
+                waiter.cancel()
+            with contextlib.suppress(ValueError):
+                self.waiters.remove(waiter)
+
+
+# ── cache: identical concurrent requests share one upstream call; deterministic answers are kept ──────────
 
 CACHE_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/messages"})
+
 TRANSPORT_FIELDS = frozenset({"stream", "stream_options", "vampire"})
 
 
@@ -1827,9 +2011,9 @@ def deterministic(path: str, payload: dict[str, Any]) -> bool:
         return True
     temperature = payload.get("temperature")
     seed = payload.get("seed")
-    return (isinstance(temperature, int | float) and not isinstance(temperature, bool) and temperature == 0) or (
-        isinstance(seed, int) and not isinstance(seed, bool)
-    )
+    return (
+        isinstance(temperature, int | float) and not isinstance(temperature, bool) and temperature == 0
+    ) or (isinstance(seed, int) and not isinstance(seed, bool))
 
 
 def canonical_request(path: str, payload: dict[str, Any]) -> str:
@@ -1903,9 +2087,16 @@ class ResultCache:
         self.bytes = 0
 
     def stats(self) -> dict[str, Any]:
-        return {"entries": len(self.entries), "bytes": self.bytes, "max_bytes": self.max_bytes, "ttl_s": self.ttl_s,
-                "hits": self.hits, "misses": self.misses, "coalesced": self.coalesced,
-                "upstream_calls_saved": self.saved}
+        return {
+            "entries": len(self.entries),
+            "bytes": self.bytes,
+            "max_bytes": self.max_bytes,
+            "ttl_s": self.ttl_s,
+            "hits": self.hits,
+            "misses": self.misses,
+            "coalesced": self.coalesced,
+            "upstream_calls_saved": self.saved,
+        }
 
 
 class Flight:
@@ -1928,9 +2119,13 @@ class Flight:
     def replay(cls, result: Result) -> Flight:
         """A finished flight rebuilt from the cache: readers replay it exactly as they would a live one."""
         flight = cls("", result.streamed)
-        flight.messages = [{"type": "http.response.start", "status": result.status, "headers": result.headers}]
+        flight.messages = [
+            {"type": "http.response.start", "status": result.status, "headers": result.headers}
+        ]
         if result.streamed:
-            flight.messages += [{"type": "http.response.body", "body": c, "more_body": True} for c in result.chunks]
+            flight.messages += [
+                {"type": "http.response.body", "body": c, "more_body": True} for c in result.chunks
+            ]
             flight.messages.append({"type": "http.response.body", "body": b""})
         else:
             flight.messages.append({"type": "http.response.body", "body": b"".join(result.chunks)})
@@ -1959,6 +2154,241 @@ class Flight:
             return None
         start, body = self.messages[0], [m.get("body", b"") for m in self.messages[1:]]
         return Result(200, list(start["headers"]), [c for c in body if c], self.streamed)
+
+
+class Sharing:
+    """Cache hits, and flights that several identical requests read: the gateway's de-duplication."""
+
+    def __init__(self, app: App) -> None:
+        self.app = app
+        self.gateway = app.gateway
+        self.cache = ResultCache(app.settings.cache_max_bytes, app.settings.cache_ttl_s)
+        self.flights: dict[str, Flight] = {}
+
+    async def serve(self, call: Call, plan: Plan, receive: Receive, send: Send) -> None:
+        assert call.principal is not None and call.payload is not None
+        realm = call.principal.realm.name
+        canonical = canonical_request(call.path, call.payload)
+        if call.cacheable:
+            for target in plan.targets:
+                result = self.cache.get(cache_key(realm, canonical, target.model.fingerprint(target.node)))
+                if result is not None:
+                    self.cache.hits += 1
+                    self.cache.saved += 1
+                    call.node, call.upstream_model, call.cache_status = (
+                        target.node,
+                        target.upstream_model,
+                        "hit",
+                    )
+                    await self.deliver(call, Flight.replay(result), receive, send)
+                    return
+        key = f"{realm}|{canonical}|{call.model}"
+        flight = self.flights.get(key) if call.coalescable else None
+        if flight is None:
+            flight = self.launch(call, plan, key, realm, canonical)
+            self.cache.misses += 1
+            call.cache_status = "miss"
+        else:
+            self.cache.coalesced += 1
+            self.cache.saved += 1
+            call.cache_status = "coalesced"
+        await self.deliver(call, flight, receive, send)
+
+    def launch(self, call: Call, plan: Plan, key: str, realm: str, canonical: str) -> Flight:
+        flight = Flight(key, call.stream)
+        shared = call.fork(self.gateway.next_request_id())
+        if call.coalescable:
+            self.flights[key] = flight
+        flight.task = asyncio.get_running_loop().create_task(self.fly(flight, shared, plan, realm, canonical))
+        return flight
+
+    async def fly(self, flight: Flight, shared: Call, plan: Plan, realm: str, canonical: str) -> None:
+        """The one upstream call: the ordinary relay (failover, admission, metering), into the flight."""
+        error: HTTPError | None = None
+        try:
+            await self.gateway.relay(shared, plan, flight.sink)
+        except HTTPError as exc:
+            error = exc
+        except asyncio.CancelledError:
+            error = unavailable("Every client waiting for this answer has gone.", "cancelled")
+        except Exception:
+            log.exception("shared request %s failed", shared.request_id)
+            error = HTTPError(500, "Internal gateway error.", "internal_error")
+        finally:
+            if self.flights.get(flight.key) is flight:
+                del self.flights[flight.key]
+            flight.node, flight.upstream_model = shared.node, shared.upstream_model
+            flight.finish(error)
+        result = flight.result() if shared.error is None and error is None else None
+        if result is not None and shared.cacheable and shared.node is not None:
+            model = next((m for m in shared.node.models if m.id == shared.upstream_model), None)
+            if model is not None:
+                result.fingerprint = model.fingerprint(shared.node)
+                self.cache.put(cache_key(realm, canonical, result.fingerprint), result)
+
+    async def deliver(self, call: Call, flight: Flight, receive: Receive, send: Send) -> None:
+        flight.waiters += 1
+        try:
+            await self.gateway.watching(call, receive, self.read(call, flight, send))
+        finally:
+            flight.waiters -= 1
+            if flight.waiters == 0 and not flight.done and flight.task is not None:
+                flight.task.cancel()  # nobody is left to read the answer: stop the node generating it
+
+    async def read(self, call: Call, flight: Flight, send: Send) -> None:
+        convert = call.path != "/v1/embeddings" and call.stream != flight.streamed
+        if convert:
+            while not flight.done:
+                await flight.changed()
+        index, strip = 0, UsageFrameFilter() if call.stream and not call.client_usage else None
+        while True:
+            while index < len(flight.messages):
+                message = flight.messages[index]
+                index += 1
+                if message["type"] == "http.response.start":
+                    if convert:
+                        await self.send_converted(call, flight, message, send)
+                        return
+                    await send(self.restart(call, flight, message))
+                    continue
+                body = message.get("body", b"")
+                call.meter.feed(body)
+                if strip is not None:
+                    body = strip.feed(body) + (b"" if message.get("more_body") else strip.flush())
+                call.finished = not message.get("more_body", False)
+                await send({**message, "body": body})
+                if call.finished:
+                    return
+            if flight.done:
+                if flight.error is not None and not call.status:
+                    raise flight.error
+                return
+            await flight.changed()
+
+    def restart(self, call: Call, flight: Flight, start: Message) -> Message:
+        """The flight's response head, made this client's own: its request id and its cache outcome."""
+        call.status, call.node, call.upstream_model = start["status"], flight.node, flight.upstream_model
+        headers = [
+            (k, v) for k, v in start["headers"] if k not in (b"x-vampire-request-id", b"x-vampire-cache")
+        ]
+        headers += [
+            (b"x-vampire-request-id", call.request_id.encode()),
+            (b"x-vampire-cache", call.cache_status.encode()),
+        ]
+        return {**start, "headers": headers}
+
+    async def send_converted(self, call: Call, flight: Flight, start: Message, send: Send) -> None:
+        """A streaming twin of a JSON answer, or a JSON twin of a streamed one."""
+        chunks = [m.get("body", b"") for m in flight.messages[1:]]
+        if start["status"] != 200:
+            body = b"".join(chunks)
+            frames = [body]
+            content_type = dict(start["headers"]).get(b"content-type", b"application/json")
+        elif call.stream:
+            frames = json_to_stream(call.path, b"".join(chunks), call.client_usage)
+            content_type = b"text/event-stream"
+        else:
+            frames = [stream_to_json(call.path, chunks)]
+            content_type = b"application/json"
+        for frame in frames:
+            call.meter.feed(frame)
+        head = self.restart(call, flight, start)
+        keep = [(k, v) for k, v in head["headers"] if k not in (b"content-type", b"content-length")]
+        body = b"".join(frames)
+        head["headers"] = [
+            *keep,
+            (b"content-type", content_type),
+            (b"content-length", str(len(body)).encode()),
+        ]
+        call.finished = True
+        await send(head)
+        await send({"type": "http.response.body", "body": body})
+
+
+# ── surfaces: token counts read from passing bytes; stream error frames; JSON <-> SSE <-> Anthropic ───────
+
+
+class UsageMeter:
+    """Reads token counts out of response bytes as they pass — no JSON parsing on the hot path. The last
+    count seen wins, which is right for every surface (OpenAI usage chunk, Anthropic message_delta,
+    Responses response.completed, Ollama's final line)."""
+
+    PROMPT = re.compile(rb'"(?:prompt_tokens|input_tokens|prompt_eval_count)"\s*:\s*(\d+)')
+    COMPLETION = re.compile(rb'"(?:completion_tokens|output_tokens|eval_count)"\s*:\s*(\d+)')
+
+    __slots__ = ("completion", "prompt", "tail")
+
+    def __init__(self) -> None:
+        self.prompt: int | None = None
+        self.completion: int | None = None
+        self.tail = b""
+
+    def feed(self, data: bytes) -> None:
+        seam = self.tail + data[:32]  # a key split across two chunks is still found
+        if b"tokens" in data or b"_count" in data or b"tokens" in seam or b"_count" in seam:
+            window = self.tail + data
+            for match in self.PROMPT.finditer(window):
+                self.prompt = int(match.group(1))
+            for match in self.COMPLETION.finditer(window):
+                self.completion = int(match.group(1))
+        self.tail = data[-64:]
+
+    @property
+    def total(self) -> int:
+        return (self.prompt or 0) + (self.completion or 0)
+
+
+class UsageFrameFilter:
+    """Removes the usage chunk the gateway asked for on the client's behalf, so the client gets exactly the
+    stream it requested. Frames pass through whole and unchanged; only a `choices: []` usage frame is
+    dropped."""
+
+    __slots__ = ("pending",)
+
+    def __init__(self) -> None:
+        self.pending = b""
+
+    def feed(self, chunk: bytes) -> bytes:
+        data = self.pending + chunk if self.pending else chunk
+        cut = data.rfind(b"\n\n")
+        if cut < 0:
+            self.pending = data
+            return b""
+        if cut + 2 == len(data):  # the usual case: whole frames, nothing held back, nothing copied
+            complete, self.pending = data, b""
+        else:
+            complete, self.pending = data[: cut + 2], data[cut + 2 :]
+        if b'"usage"' not in complete:
+            return complete
+        return b"".join(
+            frame + b"\n\n" for frame in complete.split(b"\n\n")[:-1] if not _is_usage_frame(frame)
+        )
+
+    def flush(self) -> bytes:
+        rest, self.pending = self.pending, b""
+        return rest
+
+
+def _is_usage_frame(frame: bytes) -> bool:
+    if not frame.startswith(b"data: ") or b'"usage"' not in frame:
+        return False
+    try:
+        chunk = json.loads(frame[6:])
+    except ValueError:
+        return False
+    return isinstance(chunk, dict) and chunk.get("choices") == [] and chunk.get("usage") is not None
+
+
+def stream_error_frame(surface: str, content_type: bytes, message: str) -> bytes:
+    """What ends a stream that failed after its first byte: an error in the stream's own format, then
+    the stream's normal end, so no client mistakes a cut-off answer for a complete one."""
+    if b"ndjson" in content_type:
+        return json.dumps({"error": message}).encode() + b"\n"
+    if surface == "anthropic":
+        payload = json.dumps({"type": "error", "error": {"type": "api_error", "message": message}})
+        return f"event: error\ndata: {payload}\n\n".encode()
+    payload = json.dumps({"error": {"message": message, "type": "server_error", "code": "upstream_failed"}})
+    return f"data: {payload}\n\ndata: [DONE]\n\n".encode()
 
 
 # OpenAI and Anthropic answers convert between one JSON body and an event stream, so a streaming and a
@@ -1994,7 +2424,9 @@ def _openai_from_chunks(path: str, chunks: list[dict[str, Any]]) -> dict[str, An
     for chunk in chunks:
         usage = chunk.get("usage") or usage
         for choice in chunk.get("choices") or []:
-            slot = choices.setdefault(choice.get("index", 0), {"text": [], "role": "assistant", "tools": {}, "finish": None})
+            slot = choices.setdefault(
+                choice.get("index", 0), {"text": [], "role": "assistant", "tools": {}, "finish": None}
+            )
             slot["finish"] = choice.get("finish_reason") or slot["finish"]
             if path == "/v1/completions":
                 slot["text"].append(choice.get("text") or "")
@@ -2003,8 +2435,10 @@ def _openai_from_chunks(path: str, chunks: list[dict[str, Any]]) -> dict[str, An
             slot["role"] = delta.get("role") or slot["role"]
             slot["text"].append(delta.get("content") or "")
             for call in delta.get("tool_calls") or []:
-                tool = slot["tools"].setdefault(call.get("index", 0), {"id": None, "type": "function",
-                                                                       "function": {"name": "", "arguments": ""}})
+                tool = slot["tools"].setdefault(
+                    call.get("index", 0),
+                    {"id": None, "type": "function", "function": {"name": "", "arguments": ""}},
+                )
                 tool["id"] = call.get("id") or tool["id"]
                 fn = call.get("function") or {}
                 tool["function"]["name"] += fn.get("name") or ""
@@ -2012,14 +2446,28 @@ def _openai_from_chunks(path: str, chunks: list[dict[str, Any]]) -> dict[str, An
     out_choices = []
     for index, slot in sorted(choices.items()):
         if path == "/v1/completions":
-            out_choices.append({"index": index, "text": "".join(slot["text"]), "logprobs": None, "finish_reason": slot["finish"]})
+            out_choices.append(
+                {
+                    "index": index,
+                    "text": "".join(slot["text"]),
+                    "logprobs": None,
+                    "finish_reason": slot["finish"],
+                }
+            )
             continue
         message: dict[str, Any] = {"role": slot["role"], "content": "".join(slot["text"])}
         if slot["tools"]:
             message["tool_calls"] = [t for _, t in sorted(slot["tools"].items())]
-        out_choices.append({"index": index, "message": message, "logprobs": None, "finish_reason": slot["finish"]})
-    body: dict[str, Any] = {"id": first.get("id"), "object": "text_completion" if path == "/v1/completions" else "chat.completion",
-                            "created": first.get("created"), "model": first.get("model"), "choices": out_choices}
+        out_choices.append(
+            {"index": index, "message": message, "logprobs": None, "finish_reason": slot["finish"]}
+        )
+    body: dict[str, Any] = {
+        "id": first.get("id"),
+        "object": "text_completion" if path == "/v1/completions" else "chat.completion",
+        "created": first.get("created"),
+        "model": first.get("model"),
+        "choices": out_choices,
+    }
     if first.get("system_fingerprint"):
         body["system_fingerprint"] = first["system_fingerprint"]
     if usage:
@@ -2076,13 +2524,29 @@ def _openai_stream(path: str, answer: dict[str, Any], include_usage: bool) -> li
     for choice in answer.get("choices") or []:
         index = choice.get("index", 0)
         if completions:
-            frames.append(_sse({**base, "choices": [{"index": index, "text": choice.get("text", ""), "finish_reason": None}]}))
+            frames.append(
+                _sse(
+                    {
+                        **base,
+                        "choices": [{"index": index, "text": choice.get("text", ""), "finish_reason": None}],
+                    }
+                )
+            )
         else:
             message = choice.get("message") or {}
             delta = {"role": message.get("role", "assistant"), "content": message.get("content")}
             if message.get("tool_calls"):
                 delta["tool_calls"] = [{"index": i, **call} for i, call in enumerate(message["tool_calls"])]
-            frames.append(_sse({**base, "choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": None}]}))
+            frames.append(
+                _sse(
+                    {
+                        **base,
+                        "choices": [
+                            {"index": index, "delta": delta, "logprobs": None, "finish_reason": None}
+                        ],
+                    }
+                )
+            )
         end = {"index": index, "finish_reason": choice.get("finish_reason")}
         end |= {"text": ""} if completions else {"delta": {}, "logprobs": None}
         frames.append(_sse({**base, "choices": [end]}))
@@ -2094,8 +2558,13 @@ def _openai_stream(path: str, answer: dict[str, Any], include_usage: bool) -> li
 
 def _anthropic_events(answer: dict[str, Any]) -> list[bytes]:
     usage = answer.get("usage") or {}
-    start = {**answer, "content": [], "stop_reason": None, "stop_sequence": None,
-             "usage": {**usage, "output_tokens": 0}}
+    start = {
+        **answer,
+        "content": [],
+        "stop_reason": None,
+        "stop_sequence": None,
+        "usage": {**usage, "output_tokens": 0},
+    }
     frames = [_sse({"type": "message_start", "message": start}, "message_start")]
     for index, block in enumerate(answer.get("content") or []):
         if block.get("type") == "tool_use":
@@ -2105,82 +2574,77 @@ def _anthropic_events(answer: dict[str, Any]) -> list[bytes]:
             opening = {**block, "text": ""}
             delta = {"type": "text_delta", "text": block.get("text", "")}
         frames += [
-            _sse({"type": "content_block_start", "index": index, "content_block": opening}, "content_block_start"),
+            _sse(
+                {"type": "content_block_start", "index": index, "content_block": opening},
+                "content_block_start",
+            ),
             _sse({"type": "content_block_delta", "index": index, "delta": delta}, "content_block_delta"),
             _sse({"type": "content_block_stop", "index": index}, "content_block_stop"),
         ]
     frames += [
-        _sse({"type": "message_delta", "delta": {"stop_reason": answer.get("stop_reason"),
-                                                 "stop_sequence": answer.get("stop_sequence")},
-              "usage": {"output_tokens": usage.get("output_tokens", 0)}}, "message_delta"),
+        _sse(
+            {
+                "type": "message_delta",
+                "delta": {
+                    "stop_reason": answer.get("stop_reason"),
+                    "stop_sequence": answer.get("stop_sequence"),
+                },
+                "usage": {"output_tokens": usage.get("output_tokens", 0)},
+            },
+            "message_delta",
+        ),
         _sse({"type": "message_stop"}, "message_stop"),
     ]
     return frames
 
 
-# ── gateway: the data plane; a lean ASGI path from client to node and back, streams relayed as they come ─
+# ── gateway: the data plane: a lean ASGI path from client to node and back, streams relayed as they come ───
 
 
 # Never forwarded upstream: hop-by-hop headers, the client's own credentials (a node only ever sees its
 # owner's token), and headers aiohttp sets itself.
-_REQUEST_DROP = frozenset({
-    b"host", b"content-length", b"authorization", b"x-api-key", b"connection", b"keep-alive", b"te",
-    b"transfer-encoding", b"upgrade", b"proxy-authorization", b"proxy-connection", b"accept-encoding", b"cookie",
-})
-_RESPONSE_DROP = frozenset({
-    b"connection", b"keep-alive", b"transfer-encoding", b"content-length", b"date", b"server", b"x-powered-by",
-    b"content-encoding",
-})
+_REQUEST_DROP = frozenset(
+    {
+        b"host",
+        b"content-length",
+        b"authorization",
+        b"x-api-key",
+        b"connection",
+        b"keep-alive",
+        b"te",
+        b"transfer-encoding",
+        b"upgrade",
+        b"proxy-authorization",
+        b"proxy-connection",
+        b"accept-encoding",
+        b"cookie",
+    }
+)
+
+_RESPONSE_DROP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"transfer-encoding",
+        b"content-length",
+        b"date",
+        b"server",
+        b"x-powered-by",
+        b"content-encoding",
+    }
+)
+
 _KIND_BY_PATH = {
-    "/v1/chat/completions": "chat", "/v1/completions": "completion", "/v1/embeddings": "embedding",
-    "/v1/responses": "chat", "/v1/messages": "chat",
+    "/v1/chat/completions": "chat",
+    "/v1/completions": "completion",
+    "/v1/embeddings": "embedding",
+    "/v1/responses": "chat",
+    "/v1/messages": "chat",
 }
-_OPENAI_ERROR_TYPES = {
-    400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-    404: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error",
-}
-_ANTHROPIC_ERROR_TYPES = {
-    400: "invalid_request_error", 401: "authentication_error", 403: "permission_error", 404: "not_found_error",
-    413: "request_too_large", 429: "rate_limit_error", 503: "overloaded_error",
-}
-
-
-def error_body(surface: str, status: int, message: str, code: str | None, param: str | None = None) -> bytes:
-    if surface == "anthropic":
-        kind = _ANTHROPIC_ERROR_TYPES.get(status, "api_error")
-        return json.dumps({"type": "error", "error": {"type": kind, "message": message}}).encode()
-    kind = _OPENAI_ERROR_TYPES.get(status, "server_error")
-    return json.dumps({"error": {"message": message, "type": kind, "param": param, "code": code}}).encode()
-
-
-def stream_error_frame(surface: str, content_type: bytes, message: str) -> bytes:
-    """What ends a stream that failed after its first byte: an error in the stream's own format, then
-    the stream's normal end, so no client mistakes a cut-off answer for a complete one."""
-    if b"ndjson" in content_type:
-        return json.dumps({"error": message}).encode() + b"\n"
-    if surface == "anthropic":
-        payload = json.dumps({"type": "error", "error": {"type": "api_error", "message": message}})
-        return f"event: error\ndata: {payload}\n\n".encode()
-    payload = json.dumps({"error": {"message": message, "type": "server_error", "code": "upstream_failed"}})
-    return f"data: {payload}\n\ndata: [DONE]\n\n".encode()
-
 
 MID_STREAM_FAILURE = "upstream_failed_mid_stream"
+
 DISCONNECT_WATCH_AFTER_S = 0.05
-
-
-def parse_json(data: bytes) -> Any:
-    """A request body as JSON, or 400: malformed, or nested deeper than the parser can go."""
-    try:
-        return json.loads(data)
-    except (ValueError, RecursionError) as exc:
-        reason = "it is nested too deeply" if isinstance(exc, RecursionError) else str(exc)
-        raise HTTPError(400, f"The request body is not valid JSON: {reason}.", "invalid_json") from None
-
-
-def storable_text(value: str) -> str:
-    """Text that SQLite and JSON encoders accept: lone surrogates (invalid Unicode) become U+FFFD."""
-    return value.encode("utf-8", "replace").decode("utf-8")
 
 
 class ClientGone(Exception):
@@ -2287,12 +2751,21 @@ class Call:
 
     def summary(self, latency_ms: float) -> dict[str, Any]:
         return {
-            "request_id": self.request_id, "method": self.method, "path": self.path, "model": self.model,
-            "node": self.node.id if self.node else None, "status": self.status, "latency_ms": latency_ms,
+            "request_id": self.request_id,
+            "method": self.method,
+            "path": self.path,
+            "model": self.model,
+            "node": self.node.id if self.node else None,
+            "status": self.status,
+            "latency_ms": latency_ms,
             "ttfb_ms": None if self.first_byte_s is None else round(self.first_byte_s * 1000, 2),
-            "error": self.error, "strategy": self.strategy, "failovers": self.failovers,
-            "key": self.principal.key_id if self.principal else None, "cache": self.cache_status,
-            "prompt_tokens": self.meter.prompt, "completion_tokens": self.meter.completion,
+            "error": self.error,
+            "strategy": self.strategy,
+            "failovers": self.failovers,
+            "key": self.principal.key_id if self.principal else None,
+            "cache": self.cache_status,
+            "prompt_tokens": self.meter.prompt,
+            "completion_tokens": self.meter.completion,
         }
 
 
@@ -2387,23 +2860,35 @@ class Gateway:
         options = payload.get("vampire") if isinstance(payload.get("vampire"), dict) else {}
         strategy = call.header(b"x-vampire-strategy") or options.get("strategy")
         if strategy is not None and strategy not in STRATEGIES:
-            raise HTTPError(400, f"Unknown strategy `{strategy}`; use one of {', '.join(STRATEGIES)}.",
-                            "invalid_strategy", param="vampire.strategy")
+            raise HTTPError(
+                400,
+                f"Unknown strategy `{strategy}`; use one of {', '.join(STRATEGIES)}.",
+                "invalid_strategy",
+                param="vampire.strategy",
+            )
         call.session = call.header(b"x-vampire-session") or (
             conversation_key(model, payload) if self.router.choice_of_nodes() else None
         )
         previous = payload.get("previous_response_id")
-        plan = self.router.plan(model, needs_of(kind or "other", payload, call.body), strategy, call.session,
-                                previous if isinstance(previous, str) else None)
+        plan = self.router.plan(
+            model,
+            needs_of(kind or "other", payload, call.body),
+            strategy,
+            call.session,
+            previous if isinstance(previous, str) else None,
+        )
         allowed = self.app.policy.allowed_nodes(call.principal)
         if allowed is not None:
             plan.targets = [t for t in plan.targets if t.node.id in allowed]
             if not plan.targets:
-                raise unavailable(f"No node of realm `{call.principal.realm.name}` can serve `{model}` right now.")
+                raise unavailable(
+                    f"No node of realm `{call.principal.realm.name}` can serve `{model}` right now."
+                )
         call.strategy = plan.strategy
         call.stream = payload.get("stream") is True
         call.client_usage = isinstance(payload.get("stream_options"), dict) and bool(
-            payload["stream_options"].get("include_usage"))
+            payload["stream_options"].get("include_usage")
+        )
         call.inject_usage = kind in ("chat", "completion") and call.stream and not call.client_usage
         if call.path in CACHE_PATHS and options.get("cache") is not False and not self._no_store(call):
             sure = deterministic(call.path, payload)
@@ -2421,15 +2906,19 @@ class Gateway:
         payload = call.payload
         if payload is None:
             return call.body
-        rewrite = call.inject_usage or "vampire" in payload or (
-            call.model is not None and target.upstream_model != call.model
+        rewrite = (
+            call.inject_usage
+            or "vampire" in payload
+            or (call.model is not None and target.upstream_model != call.model)
         )
         if not rewrite:
             return call.body
         out = {k: v for k, v in payload.items() if k != "vampire"}
         if call.model is not None and target.upstream_model:
             out["model"] = target.upstream_model
-        if call.inject_usage:  # the ledger needs the counts; the frame carrying them is removed on the way back
+        if (
+            call.inject_usage
+        ):  # the ledger needs the counts; the frame carrying them is removed on the way back
             options = out.get("stream_options")
             out["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}
         return json.dumps(out, separators=(",", ":")).encode()
@@ -2470,7 +2959,9 @@ class Gateway:
             if call.gone:
                 raise ClientGone from None
             if not call.status:  # nothing sent yet: an ordinary refusal
-                raise unavailable("The owner has stopped sharing for now.", "sharing_off", retry_after=60) from None
+                raise unavailable(
+                    "The owner has stopped sharing for now.", "sharing_off", retry_after=60
+                ) from None
         finally:
             timer.cancel()
             if watcher is not None:
@@ -2501,7 +2992,12 @@ class Gateway:
             except UpstreamFailed as exc:
                 failure = exc
                 call.failovers += 1
-                log.info("request %s: node %s failed before the first byte (%s)", call.request_id, target.node.id, exc)
+                log.info(
+                    "request %s: node %s failed before the first byte (%s)",
+                    call.request_id,
+                    target.node.id,
+                    exc,
+                )
         reason = f" Last error: {failure}." if failure else ""
         raise unavailable(f"No node could answer the request.{reason}")
 
@@ -2511,7 +3007,9 @@ class Gateway:
         call.node, call.upstream_model = node, target.upstream_model
         cold = not target.warm
         if cold:
-            node.warming.add(target.model.id)  # later requests for it queue here rather than load it elsewhere
+            node.warming.add(
+                target.model.id
+            )  # later requests for it queue here rather than load it elsewhere
         admission.acquire(target)
         node.circuit.begin()
         verdict = False
@@ -2542,7 +3040,11 @@ class Gateway:
         """Send the request; a pooled connection the node already closed is retried once on a fresh one."""
         assert self.http is not None and self.fresh_http is not None
         node = target.node
-        url, body, headers = call.upstream_url(node), self.upstream_body(call, target), self.upstream_headers(call, node)
+        url, body, headers = (
+            call.upstream_url(node),
+            self.upstream_body(call, target),
+            self.upstream_headers(call, node),
+        )
         try:
             return await self.http.request(call.method, url, data=body, headers=headers)
         except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
@@ -2570,7 +3072,9 @@ class Gateway:
         finally:
             resp.release()
 
-    def response_headers(self, call: Call, target: Target, resp: aiohttp.ClientResponse) -> list[tuple[bytes, bytes]]:
+    def response_headers(
+        self, call: Call, target: Target, resp: aiohttp.ClientResponse
+    ) -> list[tuple[bytes, bytes]]:
         headers = [(k.lower(), v) for k, v in resp.raw_headers if k.lower() not in _RESPONSE_DROP]
         headers += [
             (b"x-vampire-node", target.node.id.encode()),
@@ -2608,7 +3112,12 @@ class Gateway:
         target.node.observe_latency(call.first_byte_s)
 
     async def relay_stream(
-        self, call: Call, target: Target, resp: aiohttp.ClientResponse, headers: list[tuple[bytes, bytes]], send: Send
+        self,
+        call: Call,
+        target: Target,
+        resp: aiohttp.ClientResponse,
+        headers: list[tuple[bytes, bytes]],
+        send: Send,
     ) -> None:
         # The response starts only once the first chunk is here: until then a failing node can still be
         # swapped for another without the client seeing anything.
@@ -2623,7 +3132,9 @@ class Gateway:
         meter.feed(first)
         call.status = resp.status
         await send({"type": "http.response.start", "status": resp.status, "headers": headers})
-        await send({"type": "http.response.body", "body": strip.feed(first) if strip else first, "more_body": True})
+        await send(
+            {"type": "http.response.body", "body": strip.feed(first) if strip else first, "more_body": True}
+        )
         try:
             async for chunk in chunks:
                 meter.feed(chunk)
@@ -2637,28 +3148,41 @@ class Gateway:
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             call.error = MID_STREAM_FAILURE
             self.registry.report_failure(target.node, _describe_error(exc))
-            await self.end_with_error(call, resp, send, f"The node {target.node.id} failed mid-stream: {_describe_error(exc)}")
+            await self.end_with_error(
+                call, resp, send, f"The node {target.node.id} failed mid-stream: {_describe_error(exc)}"
+            )
             return
         except asyncio.CancelledError:
             if not call.aborted:
                 raise
             asyncio.current_task().uncancel()  # type: ignore[union-attr]
             call.error = call.aborted
-            await self.end_with_error(call, resp, send, "The owner stopped sharing; this answer was cut short.")
+            await self.end_with_error(
+                call, resp, send, "The owner stopped sharing; this answer was cut short."
+            )
             return
         call.finished = True
         await send({"type": "http.response.body", "body": b""})
 
-    async def end_with_error(self, call: Call, resp: aiohttp.ClientResponse, send: Send, message: str) -> None:
+    async def end_with_error(
+        self, call: Call, resp: aiohttp.ClientResponse, send: Send, message: str
+    ) -> None:
         content_type = resp.headers.get("content-type", "").encode()
         call.finished = True
-        await send({"type": "http.response.body", "body": stream_error_frame(call.surface, content_type, message), "more_body": True})
+        await send(
+            {
+                "type": "http.response.body",
+                "body": stream_error_frame(call.surface, content_type, message),
+                "more_body": True,
+            }
+        )
         await send({"type": "http.response.body", "body": b""})
 
     async def send_error(self, call: Call, send: Send, exc: HTTPError) -> None:
         body = error_body(call.surface, exc.status, exc.message, exc.code, exc.param)
         headers = [
-            (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
             (b"x-vampire-request-id", call.request_id.encode()),
         ]
         headers += [(k.lower().encode(), v.encode()) for k, v in exc.headers.items()]
@@ -2668,20 +3192,26 @@ class Gateway:
 
     async def list_models(self, call: Call, send: Send) -> None:
         detail = b"vampire_detail=true" in call.query
-        models = {mid: self._model_entry(mid, targets, detail) for mid, targets in self.router.index().items()
-                  if self._may_use(call, mid)}
+        models = {
+            mid: self._model_entry(mid, targets, detail)
+            for mid, targets in self.router.index().items()
+            if self._may_use(call, mid)
+        }
         for route in self.router.routes.values():
             models.setdefault(route.model, self._model_entry(route.model, [], False))
         if self._may_use(call, AUTO_MODEL):
             models[AUTO_MODEL] = self._model_entry(AUTO_MODEL, [], False)
-        requested = call.path[len("/v1/models/"):] if call.path.startswith("/v1/models/") else None
+        requested = call.path[len("/v1/models/") :] if call.path.startswith("/v1/models/") else None
         if requested is not None:
             if requested not in models:
                 self.router.raise_unknown(requested)
             body = models[requested]
         else:
             first = [models[AUTO_MODEL]] if AUTO_MODEL in models else []
-            body = {"object": "list", "data": [*first, *(models[k] for k in sorted(models) if k != AUTO_MODEL)]}
+            body = {
+                "object": "list",
+                "data": [*first, *(models[k] for k in sorted(models) if k != AUTO_MODEL)],
+            }
         await send_json(send, 200, body, [(b"x-vampire-request-id", call.request_id.encode())])
         call.status = 200
 
@@ -2693,175 +3223,67 @@ class Gateway:
         return True
 
     def _model_entry(self, model_id: str, targets: list[Target], detail: bool) -> dict[str, Any]:
-        entry: dict[str, Any] = {"id": model_id, "object": "model", "created": int(self.app.started_at), "owned_by": "vampire"}
+        entry: dict[str, Any] = {
+            "id": model_id,
+            "object": "model",
+            "created": int(self.app.started_at),
+            "owned_by": "vampire",
+        }
         if detail:
-            entry["vampire"] = {"placement": [
-                {"node": t.node.id, "loaded": t.model.loaded, "type": t.model.type,
-                 "context_length": t.model.context_length, "slots": t.model.slots}
-                for t in targets
-            ]}
+            entry["vampire"] = {
+                "placement": [
+                    {
+                        "node": t.node.id,
+                        "loaded": t.model.loaded,
+                        "type": t.model.type,
+                        "context_length": t.model.context_length,
+                        "slots": t.model.slots,
+                    }
+                    for t in targets
+                ]
+            }
         return entry
 
 
-def header_value(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> str | None:
-    """One request header (names are lower-case in ASGI), or None."""
-    for key, value in headers:
-        if key == name:
-            return value.decode("latin-1")
-    return None
+# ── accounting: the usage ledger and audit log (batched into SQLite) and Prometheus metrics ───────────────
 
 
-async def send_json(send: Send, status: int, body: Any, extra: Sequence[tuple[bytes, bytes]] = ()) -> None:
-    data = json.dumps(body).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode()), *extra]
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": data})
+class BatchWriter:
+    """Rows (usage ledger, audit log) written to SQLite in small batches, off the request path."""
 
+    FLUSH_EVERY_S = 0.5
 
-class Sharing:
-    """Cache hits, and flights that several identical requests read: the gateway's de-duplication."""
+    def __init__(self, write: Callable[[list[tuple[Any, ...]]], None]) -> None:
+        self.write = write
+        self.pending: list[tuple[Any, ...]] = []
 
-    def __init__(self, app: App) -> None:
-        self.app = app
-        self.gateway = app.gateway
-        self.cache = ResultCache(app.settings.cache_max_bytes, app.settings.cache_ttl_s)
-        self.flights: dict[str, Flight] = {}
+    def record(self, row: tuple[Any, ...]) -> None:
+        self.pending.append(row)
 
-    async def serve(self, call: Call, plan: Plan, receive: Receive, send: Send) -> None:
-        assert call.principal is not None and call.payload is not None
-        realm = call.principal.realm.name
-        canonical = canonical_request(call.path, call.payload)
-        if call.cacheable:
-            for target in plan.targets:
-                result = self.cache.get(cache_key(realm, canonical, target.model.fingerprint(target.node)))
-                if result is not None:
-                    self.cache.hits += 1
-                    self.cache.saved += 1
-                    call.node, call.upstream_model, call.cache_status = target.node, target.upstream_model, "hit"
-                    await self.deliver(call, Flight.replay(result), receive, send)
-                    return
-        key = f"{realm}|{canonical}|{call.model}"
-        flight = self.flights.get(key) if call.coalescable else None
-        if flight is None:
-            flight = self.launch(call, plan, key, realm, canonical)
-            self.cache.misses += 1
-            call.cache_status = "miss"
-        else:
-            self.cache.coalesced += 1
-            self.cache.saved += 1
-            call.cache_status = "coalesced"
-        await self.deliver(call, flight, receive, send)
+    def flush(self) -> None:
+        if self.pending:
+            rows, self.pending = self.pending, []
+            try:
+                self.write(rows)
+            except (sqlite3.Error, UnicodeError, ValueError):
+                log.exception("could not store %d rows; they are dropped", len(rows))
 
-    def launch(self, call: Call, plan: Plan, key: str, realm: str, canonical: str) -> Flight:
-        flight = Flight(key, call.stream)
-        shared = call.fork(self.gateway.next_request_id())
-        if call.coalescable:
-            self.flights[key] = flight
-        flight.task = asyncio.get_running_loop().create_task(self.fly(flight, shared, plan, realm, canonical))
-        return flight
-
-    async def fly(self, flight: Flight, shared: Call, plan: Plan, realm: str, canonical: str) -> None:
-        """The one upstream call: the ordinary relay (failover, admission, metering), into the flight."""
-        error: HTTPError | None = None
-        try:
-            await self.gateway.relay(shared, plan, flight.sink)
-        except HTTPError as exc:
-            error = exc
-        except asyncio.CancelledError:
-            error = unavailable("Every client waiting for this answer has gone.", "cancelled")
-        except Exception:
-            log.exception("shared request %s failed", shared.request_id)
-            error = HTTPError(500, "Internal gateway error.", "internal_error")
-        finally:
-            if self.flights.get(flight.key) is flight:
-                del self.flights[flight.key]
-            flight.node, flight.upstream_model = shared.node, shared.upstream_model
-            flight.finish(error)
-        result = flight.result() if shared.error is None and error is None else None
-        if result is not None and shared.cacheable and shared.node is not None:
-            model = next((m for m in shared.node.models if m.id == shared.upstream_model), None)
-            if model is not None:
-                result.fingerprint = model.fingerprint(shared.node)
-                self.cache.put(cache_key(realm, canonical, result.fingerprint), result)
-
-    async def deliver(self, call: Call, flight: Flight, receive: Receive, send: Send) -> None:
-        flight.waiters += 1
-        try:
-            await self.gateway.watching(call, receive, self.read(call, flight, send))
-        finally:
-            flight.waiters -= 1
-            if flight.waiters == 0 and not flight.done and flight.task is not None:
-                flight.task.cancel()  # nobody is left to read the answer: stop the node generating it
-
-    async def read(self, call: Call, flight: Flight, send: Send) -> None:
-        convert = call.path != "/v1/embeddings" and call.stream != flight.streamed
-        if convert:
-            while not flight.done:
-                await flight.changed()
-        index, strip = 0, UsageFrameFilter() if call.stream and not call.client_usage else None
+    async def flush_forever(self) -> None:
         while True:
-            while index < len(flight.messages):
-                message = flight.messages[index]
-                index += 1
-                if message["type"] == "http.response.start":
-                    if convert:
-                        await self.send_converted(call, flight, message, send)
-                        return
-                    await send(self.restart(call, flight, message))
-                    continue
-                body = message.get("body", b"")
-                call.meter.feed(body)
-                if strip is not None:
-                    body = strip.feed(body) + (b"" if message.get("more_body") else strip.flush())
-                call.finished = not message.get("more_body", False)
-                await send({**message, "body": body})
-                if call.finished:
-                    return
-            if flight.done:
-                if flight.error is not None and not call.status:
-                    raise flight.error
-                return
-            await flight.changed()
-
-    def restart(self, call: Call, flight: Flight, start: Message) -> Message:
-        """The flight's response head, made this client's own: its request id and its cache outcome."""
-        call.status, call.node, call.upstream_model = start["status"], flight.node, flight.upstream_model
-        headers = [(k, v) for k, v in start["headers"] if k not in (b"x-vampire-request-id", b"x-vampire-cache")]
-        headers += [(b"x-vampire-request-id", call.request_id.encode()), (b"x-vampire-cache", call.cache_status.encode())]
-        return {**start, "headers": headers}
-
-    async def send_converted(self, call: Call, flight: Flight, start: Message, send: Send) -> None:
-        """A streaming twin of a JSON answer, or a JSON twin of a streamed one."""
-        chunks = [m.get("body", b"") for m in flight.messages[1:]]
-        if start["status"] != 200:
-            body = b"".join(chunks)
-            frames = [body]
-            content_type = dict(start["headers"]).get(b"content-type", b"application/json")
-        elif call.stream:
-            frames = json_to_stream(call.path, b"".join(chunks), call.client_usage)
-            content_type = b"text/event-stream"
-        else:
-            frames = [stream_to_json(call.path, chunks)]
-            content_type = b"application/json"
-        for frame in frames:
-            call.meter.feed(frame)
-        head = self.restart(call, flight, start)
-        keep = [(k, v) for k, v in head["headers"] if k not in (b"content-type", b"content-length")]
-        body = b"".join(frames)
-        head["headers"] = [*keep, (b"content-type", content_type), (b"content-length", str(len(body)).encode())]
-        call.finished = True
-        await send(head)
-        await send({"type": "http.response.body", "body": body})
-
-
-# ── metrics: Prometheus text at /metrics, counted once per request with no locks and no libraries ─────
+            await asyncio.sleep(self.FLUSH_EVERY_S)
+            self.flush()
 
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+
 SURFACES = {
-    "/v1/chat/completions": "chat", "/v1/completions": "completions", "/v1/embeddings": "embeddings",
-    "/v1/responses": "responses", "/v1/messages": "messages",
+    "/v1/chat/completions": "chat",
+    "/v1/completions": "completions",
+    "/v1/embeddings": "embeddings",
+    "/v1/responses": "responses",
+    "/v1/messages": "messages",
 }
+
 NODE_STATES = ("online", "offline", "unauthorized", "draining", "disabled", "unknown")
 
 
@@ -2886,7 +3308,7 @@ class Histogram:
             for bound, count in zip((*self.buckets, math.inf), series[:-1], strict=True):
                 running += count
                 le = "+Inf" if bound == math.inf else repr(bound)
-                yield f"{name}_bucket{{{base}{',' if base else ''}le=\"{le}\"}} {running:g}"
+                yield f'{name}_bucket{{{base}{"," if base else ""}le="{le}"}} {running:g}'
             yield f"{name}_sum{{{base}}} {series[-1]:g}"
             yield f"{name}_count{{{base}}} {running:g}"
 
@@ -2928,17 +3350,42 @@ class Metrics:
         def family(name: str, kind: str, help_text: str, rows: Iterable[str]) -> None:
             out.extend((f"# HELP {name} {help_text}", f"# TYPE {name} {kind}", *rows))
 
-        family("vampire_requests_total", "counter", "Data-plane requests by surface, model, node and status.",
-               (f"vampire_requests_total{{{_labels(('surface', 'model', 'node', 'status'), k)}}} {v}"
-                for k, v in sorted(self.requests.items())))
-        family("vampire_request_duration_seconds", "histogram", "Time from request to last byte.",
-               self.latency.lines("vampire_request_duration_seconds", ("surface",)))
-        family("vampire_time_to_first_token_seconds", "histogram", "Time from request to the node's first byte.",
-               self.ttft.lines("vampire_time_to_first_token_seconds", ("surface",)))
-        family("vampire_tokens_total", "counter", "Tokens in (prompt) and out (completion) as the nodes reported them.",
-               (f"vampire_tokens_total{{{_labels(('direction', 'model'), k)}}} {v}" for k, v in sorted(self.tokens.items())))
-        family("vampire_failovers_total", "counter", "Node attempts that failed before the first byte, so another node answered.",
-               [f"vampire_failovers_total {self.failovers}"])
+        family(
+            "vampire_requests_total",
+            "counter",
+            "Data-plane requests by surface, model, node and status.",
+            (
+                f"vampire_requests_total{{{_labels(('surface', 'model', 'node', 'status'), k)}}} {v}"
+                for k, v in sorted(self.requests.items())
+            ),
+        )
+        family(
+            "vampire_request_duration_seconds",
+            "histogram",
+            "Time from request to last byte.",
+            self.latency.lines("vampire_request_duration_seconds", ("surface",)),
+        )
+        family(
+            "vampire_time_to_first_token_seconds",
+            "histogram",
+            "Time from request to the node's first byte.",
+            self.ttft.lines("vampire_time_to_first_token_seconds", ("surface",)),
+        )
+        family(
+            "vampire_tokens_total",
+            "counter",
+            "Tokens in (prompt) and out (completion) as the nodes reported them.",
+            (
+                f"vampire_tokens_total{{{_labels(('direction', 'model'), k)}}} {v}"
+                for k, v in sorted(self.tokens.items())
+            ),
+        )
+        family(
+            "vampire_failovers_total",
+            "counter",
+            "Node attempts that failed before the first byte, so another node answered.",
+            [f"vampire_failovers_total {self.failovers}"],
+        )
         self._render_nodes(app, family)
         self._render_cache(app, family)
         return "\n".join(out) + "\n"
@@ -2946,17 +3393,47 @@ class Metrics:
     @staticmethod
     def _render_nodes(app: App, family: Callable[[str, str, str, Iterable[str]], None]) -> None:
         nodes = sorted(app.registry.nodes.values(), key=lambda n: n.id)
-        family("vampire_node_state", "gauge", "1 for the state each node is in.",
-               (f'vampire_node_state{{node="{_escape(n.id)}",state="{s}"}} {int(n.state == s)}'
-                for n in nodes for s in NODE_STATES))
-        family("vampire_node_in_flight", "gauge", "Requests in flight per node.",
-               (f'vampire_node_in_flight{{node="{_escape(n.id)}"}} {n.in_flight}' for n in nodes))
-        family("vampire_node_slots", "gauge", "Slots Vampire may use per node (loaded models' slots x tier).",
-               (f'vampire_node_slots{{node="{_escape(n.id)}"}} '
-                f'{sum(max(1, m.slots * n.tier // 100) for m in n.models if m.loaded)}' for n in nodes))
-        family("vampire_node_circuit_open", "gauge", "1 while a node's circuit breaker is open.",
-               (f'vampire_node_circuit_open{{node="{_escape(n.id)}"}} {int(n.circuit.state == "open")}' for n in nodes))
-        family("vampire_queue_depth", "gauge", "Requests waiting for a free slot.", [f"vampire_queue_depth {len(app.admission.waiters)}"])
+        family(
+            "vampire_node_state",
+            "gauge",
+            "1 for the state each node is in.",
+            (
+                f'vampire_node_state{{node="{_escape(n.id)}",state="{s}"}} {int(n.state == s)}'
+                for n in nodes
+                for s in NODE_STATES
+            ),
+        )
+        family(
+            "vampire_node_in_flight",
+            "gauge",
+            "Requests in flight per node.",
+            (f'vampire_node_in_flight{{node="{_escape(n.id)}"}} {n.in_flight}' for n in nodes),
+        )
+        family(
+            "vampire_node_slots",
+            "gauge",
+            "Slots Vampire may use per node (loaded models' slots x tier).",
+            (
+                f'vampire_node_slots{{node="{_escape(n.id)}"}} '
+                f"{sum(max(1, m.slots * n.tier // 100) for m in n.models if m.loaded)}"
+                for n in nodes
+            ),
+        )
+        family(
+            "vampire_node_circuit_open",
+            "gauge",
+            "1 while a node's circuit breaker is open.",
+            (
+                f'vampire_node_circuit_open{{node="{_escape(n.id)}"}} {int(n.circuit.state == "open")}'
+                for n in nodes
+            ),
+        )
+        family(
+            "vampire_queue_depth",
+            "gauge",
+            "Requests waiting for a free slot.",
+            [f"vampire_queue_depth {len(app.admission.waiters)}"],
+        )
 
     @staticmethod
     def _render_cache(app: App, family: Callable[[str, str, str, Iterable[str]], None]) -> None:
@@ -2964,29 +3441,37 @@ class Metrics:
         for name, key, kind, text in (
             ("vampire_cache_hits_total", "hits", "counter", "Answers served from the cache."),
             ("vampire_cache_misses_total", "misses", "counter", "Eligible requests that went upstream."),
-            ("vampire_coalesced_total", "coalesced", "counter", "Requests that joined an identical one in flight."),
-            ("vampire_upstream_calls_saved_total", "upstream_calls_saved", "counter", "Upstream calls avoided."),
+            (
+                "vampire_coalesced_total",
+                "coalesced",
+                "counter",
+                "Requests that joined an identical one in flight.",
+            ),
+            (
+                "vampire_upstream_calls_saved_total",
+                "upstream_calls_saved",
+                "counter",
+                "Upstream calls avoided.",
+            ),
             ("vampire_cache_entries", "entries", "gauge", "Answers held in the cache."),
             ("vampire_cache_bytes", "bytes", "gauge", "Bytes held in the cache."),
         ):
             family(name, kind, text, [f"{name} {stats[key]}"])
 
 
-# ── control plane: /vampire/v1/* for people and tools; Starlette, since none of it is a hot path ──────
+# ── control plane: /vampire/v1/* for people and tools; Starlette, since none of it is a hot path ──────────
 
 
 def api_error(
-    status: int, message: str, code: str | None = None, headers: dict[str, str] | None = None, param: str | None = None
+    status: int,
+    message: str,
+    code: str | None = None,
+    headers: dict[str, str] | None = None,
+    param: str | None = None,
 ) -> JSONResponse:
-    return JSONResponse(json.loads(error_body("openai", status, message, code, param)), status_code=status, headers=headers)
-
-
-@functools.lru_cache(maxsize=4096)
-def is_loopback(host: str | None) -> bool:
-    try:
-        return host is not None and ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+    return JSONResponse(
+        json.loads(error_body("openai", status, message, code, param)), status_code=status, headers=headers
+    )
 
 
 class ControlPlane:
@@ -3005,13 +3490,17 @@ class ControlPlane:
             routing.Route(f"{p}/nodes/{{node_id:str}}", self.guarded(self.get_node), methods=["GET"]),
             routing.Route(f"{p}/nodes/{{node_id:str}}", self.guarded(self.patch_node), methods=["PATCH"]),
             routing.Route(f"{p}/nodes/{{node_id:str}}", self.guarded(self.delete_node), methods=["DELETE"]),
-            routing.Route(f"{p}/nodes/{{node_id:str}}/probe", self.guarded(self.probe_node), methods=["POST"]),
+            routing.Route(
+                f"{p}/nodes/{{node_id:str}}/probe", self.guarded(self.probe_node), methods=["POST"]
+            ),
             routing.Route(f"{p}/models", self.guarded(self.models)),
             routing.Route(f"{p}/discover", self.guarded(self.discover), methods=["POST"]),
             routing.Route(f"{p}/routes", self.guarded(self.list_routes), methods=["GET"]),
             routing.Route(f"{p}/routes", self.guarded(self.save_route), methods=["POST"]),
             routing.Route(f"{p}/routes/{{route_id:str}}", self.guarded(self.get_route), methods=["GET"]),
-            routing.Route(f"{p}/routes/{{route_id:str}}", self.guarded(self.delete_route), methods=["DELETE"]),
+            routing.Route(
+                f"{p}/routes/{{route_id:str}}", self.guarded(self.delete_route), methods=["DELETE"]
+            ),
             routing.Route(f"{p}/routing/explain", self.guarded(self.explain)),
             routing.Route(f"{p}/keys", self.guarded(self.list_keys), methods=["GET"]),
             routing.Route(f"{p}/keys", self.guarded(self.create_key), methods=["POST"]),
@@ -3029,7 +3518,9 @@ class ControlPlane:
             routing.Route("/", self.dashboard),
         ]
 
-    def guarded(self, handler: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
+    def guarded(
+        self, handler: Callable[[Request], Awaitable[Response]]
+    ) -> Callable[[Request], Awaitable[Response]]:
         """Every control-plane endpoint answers only callers the access rule lets in."""
 
         @functools.wraps(handler)
@@ -3043,20 +3534,31 @@ class ControlPlane:
         if token:
             given = request.headers.get("authorization", "")
             if not secrets.compare_digest(given.encode(), f"Bearer {token}".encode()):
-                return api_error(401, "The admin token is required for this endpoint.", "admin_token_required")
+                return api_error(
+                    401, "The admin token is required for this endpoint.", "admin_token_required"
+                )
             return None
         if not is_loopback(request.client.host if request.client else None):
-            return api_error(403, "Set an admin token to use the control plane from another machine.", "forbidden")
+            return api_error(
+                403, "Set an admin token to use the control plane from another machine.", "forbidden"
+            )
         return None
 
     async def status(self, request: Request) -> Response:
         nodes = list(self.registry.nodes.values())
-        return JSONResponse({
-            "version": __version__, "instance": self.app.instance, "share": self.app.policy.share,
-            "nodes_total": len(nodes), "nodes_online": sum(n.health == "online" for n in nodes),
-            "uptime_s": round(time.time() - self.app.started_at, 1), "queue": len(self.app.admission.waiters),
-            "in_flight": sum(n.in_flight for n in nodes), "keys": len(self.app.policy.keys),
-        })
+        return JSONResponse(
+            {
+                "version": __version__,
+                "instance": self.app.instance,
+                "share": self.app.policy.share,
+                "nodes_total": len(nodes),
+                "nodes_online": sum(n.health == "online" for n in nodes),
+                "uptime_s": round(time.time() - self.app.started_at, 1),
+                "queue": len(self.app.admission.waiters),
+                "in_flight": sum(n.in_flight for n in nodes),
+                "keys": len(self.app.policy.keys),
+            }
+        )
 
     async def list_nodes(self, request: Request) -> Response:
         return JSONResponse({"object": "list", "data": [n.public() for n in self.registry.nodes.values()]})
@@ -3068,7 +3570,9 @@ class ControlPlane:
         try:  # whatever is kept must be storable and printable: no lone surrogates, no NaN
             json.dumps(body, ensure_ascii=False, allow_nan=False).encode("utf-8")
         except (UnicodeEncodeError, ValueError):
-            raise HTTPError(400, "The request body holds invalid text or a non-finite number.", "invalid_request") from None
+            raise HTTPError(
+                400, "The request body holds invalid text or a non-finite number.", "invalid_request"
+            ) from None
         return body
 
     def _node(self, request: Request) -> Node:
@@ -3087,8 +3591,11 @@ class ControlPlane:
             raise HTTPError(400, "`tags` is a list of strings.", "invalid_request", param="tags")
         try:
             node = await self.registry.add(
-                url, token=_opt_str(body, "token"), name=_opt_str(body, "name"),
-                trusted=bool(body.get("trusted", True)), tags=tags,
+                url,
+                token=_opt_str(body, "token"),
+                name=_opt_str(body, "name"),
+                trusted=bool(body.get("trusted", True)),
+                tags=tags,
             )
         except (NodeRefused, ConfigError) as exc:
             raise HTTPError(400, str(exc), "node_refused") from None
@@ -3111,7 +3618,9 @@ class ControlPlane:
         if "state" in body:
             state = body["state"]
             if state not in ("online", "draining", "disabled"):
-                raise HTTPError(400, "`state` must be online, draining or disabled.", "invalid_request", param="state")
+                raise HTTPError(
+                    400, "`state` must be online, draining or disabled.", "invalid_request", param="state"
+                )
             changes["admin_state"] = "active" if state == "online" else state
         self.registry.update(node, **changes)
         if "token" in changes or changes.get("admin_state") == "active":
@@ -3133,7 +3642,8 @@ class ControlPlane:
     async def models(self, request: Request) -> Response:
         rows = [
             m.public() | {"node": n.id, "node_state": n.state}
-            for n in self.registry.nodes.values() for m in n.models
+            for n in self.registry.nodes.values()
+            for m in n.models
         ]
         return JSONResponse({"object": "list", "data": rows})
 
@@ -3142,17 +3652,31 @@ class ControlPlane:
         subnets = body.get("subnets") or ["127.0.0.0/24"]
         ports = body.get("ports") or list(DISCOVERY_PORTS)
         valid_ports = isinstance(ports, list) and all(
-            isinstance(p, int) and not isinstance(p, bool) and 0 < p < 65536 for p in ports)
+            isinstance(p, int) and not isinstance(p, bool) and 0 < p < 65536 for p in ports
+        )
         if not isinstance(subnets, list) or not all(isinstance(n, str) for n in subnets) or not valid_ports:
-            raise HTTPError(400, "`subnets` is a list of CIDRs and `ports` a list of port numbers.", "invalid_request")
+            raise HTTPError(
+                400, "`subnets` is a list of CIDRs and `ports` a list of port numbers.", "invalid_request"
+            )
         timeout_ms = body.get("timeout_ms", 500)
-        if not isinstance(timeout_ms, int | float) or isinstance(timeout_ms, bool) or not 0 < timeout_ms <= 10_000:
-            raise HTTPError(400, "`timeout_ms` is a number of milliseconds up to 10000.", "invalid_request",
-                            param="timeout_ms")
+        if (
+            not isinstance(timeout_ms, int | float)
+            or isinstance(timeout_ms, bool)
+            or not 0 < timeout_ms <= 10_000
+        ):
+            raise HTTPError(
+                400,
+                "`timeout_ms` is a number of milliseconds up to 10000.",
+                "invalid_request",
+                param="timeout_ms",
+            )
         timeout = float(timeout_ms) / 1000.0
         try:
             found = await discover(
-                self.app.probe_http(), [str(s) for s in subnets], ports, timeout=timeout,
+                self.app.probe_http(),
+                [str(s) for s in subnets],
+                ports,
+                timeout=timeout,
                 allow_public=self.app.settings.allow_public_nodes,
             )
         except NodeRefused as exc:
@@ -3191,8 +3715,11 @@ class ControlPlane:
         if not model:
             raise HTTPError(400, "`model` is required.", "invalid_request", param="model")
         kind = request.query_params.get("kind", "chat")
-        needs = Needs(kind, vision=request.query_params.get("vision") == "true",
-                      tools=request.query_params.get("tools") == "true")
+        needs = Needs(
+            kind,
+            vision=request.query_params.get("vision") == "true",
+            tools=request.query_params.get("tools") == "true",
+        )
         strategy = request.query_params.get("strategy")
         if strategy is not None and strategy not in STRATEGIES:
             raise HTTPError(400, f"`strategy` must be one of {', '.join(STRATEGIES)}.", "invalid_strategy")
@@ -3212,9 +3739,12 @@ class ControlPlane:
         limits = {k: _opt_positive_int(body, k) for k in ("rpm", "tpm", "max_concurrent")}
         expires = body.get("expires_at")
         if expires is not None and (not isinstance(expires, int | float) or isinstance(expires, bool)):
-            raise HTTPError(400, "`expires_at` is a Unix time in seconds.", "invalid_request", param="expires_at")
-        key, secret = self.app.policy.create_key(name, str(body.get("realm") or DEFAULT_REALM), models=models,
-                                                 expires_at=expires, **limits)
+            raise HTTPError(
+                400, "`expires_at` is a Unix time in seconds.", "invalid_request", param="expires_at"
+            )
+        key, secret = self.app.policy.create_key(
+            name, str(body.get("realm") or DEFAULT_REALM), models=models, expires_at=expires, **limits
+        )
         self.app.audit("key.create", request, key=key.id, realm=key.realm)
         return JSONResponse(key.public() | {"key": secret}, status_code=201)
 
@@ -3232,11 +3762,15 @@ class ControlPlane:
         body = await self._json_object(request)
         name = body.get("name")
         if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", name):
-            raise HTTPError(400, "`name` is 1-64 letters, digits, `_`, `.` or `-`.", "invalid_request", param="name")
+            raise HTTPError(
+                400, "`name` is 1-64 letters, digits, `_`, `.` or `-`.", "invalid_request", param="name"
+            )
         lists = {k: body.get(k) or [] for k in ("nodes", "models")}
         if not all(isinstance(v, list) and all(isinstance(i, str) for i in v) for v in lists.values()):
             raise HTTPError(400, "`nodes` and `models` are lists of names.", "invalid_request")
-        realm = Realm(name, **lists, **{k: _opt_positive_int(body, k) for k in ("rpm", "tpm", "max_concurrent")})
+        realm = Realm(
+            name, **lists, **{k: _opt_positive_int(body, k) for k in ("rpm", "tpm", "max_concurrent")}
+        )
         self.app.policy.save_realm(realm)
         self.app.audit("realm.save", request, realm=name)
         return JSONResponse(realm.public(), status_code=201)
@@ -3253,11 +3787,18 @@ class ControlPlane:
     async def usage(self, request: Request) -> Response:
         group_by = request.query_params.get("group_by", "model")
         if group_by not in Store.USAGE_GROUPS:
-            raise HTTPError(400, f"`group_by` is one of {', '.join(Store.USAGE_GROUPS)}.", "invalid_request", param="group_by")
+            raise HTTPError(
+                400,
+                f"`group_by` is one of {', '.join(Store.USAGE_GROUPS)}.",
+                "invalid_request",
+                param="group_by",
+            )
         since = _parse_since(request.query_params.get("since"))
         self.app.ledger.flush()
         data = self.app.store.usage(group_by, since)
-        totals = {k: sum(row[k] or 0 for row in data) for k in ("requests", "prompt_tokens", "completion_tokens")}
+        totals = {
+            k: sum(row[k] or 0 for row in data) for k in ("requests", "prompt_tokens", "completion_tokens")
+        }
         return JSONResponse({"object": "list", "group_by": group_by, "data": data, "totals": totals})
 
     async def cache_stats(self, request: Request) -> Response:
@@ -3290,10 +3831,14 @@ class ControlPlane:
             finally:
                 self.app.events.unsubscribe(queue)
 
-        return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-store"})
+        return StreamingResponse(
+            stream(), media_type="text/event-stream", headers={"Cache-Control": "no-store"}
+        )
 
     async def metrics(self, request: Request) -> Response:
-        return Response(self.app.metrics.render(self.app), media_type="text/plain; version=0.0.4; charset=utf-8")
+        return Response(
+            self.app.metrics.render(self.app), media_type="text/plain; version=0.0.4; charset=utf-8"
+        )
 
     async def dashboard(self, request: Request) -> Response:
         # The page holds no data and no secrets; with an admin token set it must load so that it can ask
@@ -3318,7 +3863,9 @@ def _parse_since(value: str | None) -> float:
     try:
         moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
     except ValueError:
-        raise HTTPError(400, "`since` is an ISO 8601 date or time.", "invalid_request", param="since") from None
+        raise HTTPError(
+            400, "`since` is an ISO 8601 date or time.", "invalid_request", param="since"
+        ) from None
     return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()
 
 
@@ -3344,17 +3891,7 @@ async def _server_error(request: Request, exc: Exception) -> Response:
     return api_error(500, "Internal gateway error.", "internal_error")
 
 
-def release_free_memory() -> None:
-    """Hand memory freed during start-up back to the OS. `python vampire.py` compiles this whole file on
-    every start and glibc keeps the compiler's freed heap (~16 MiB) mapped unless asked to trim it."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        with contextlib.suppress(OSError, AttributeError):
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-
-
-# ── app: one gateway instance; several can live in one process (tests), nothing global ────────────────
+# ── app: one gateway instance; several can live in one process (tests), nothing global ────────────────────
 
 
 class App:
@@ -3382,7 +3919,12 @@ class App:
         self._tasks: list[asyncio.Task[Any]] = []
         self.starlette = Starlette(
             routes=self.control.routes(),
-            exception_handlers={HTTPError: _http_error_handler, 404: _not_found, 405: _not_found, 500: _server_error},
+            exception_handlers={
+                HTTPError: _http_error_handler,
+                404: _not_found,
+                405: _not_found,
+                500: _server_error,
+            },
             lifespan=self._lifespan,
         )
 
@@ -3411,12 +3953,21 @@ class App:
         if scope["method"] == "OPTIONS" and header_value(scope["headers"], b"access-control-request-method"):
             if not allowed:
                 surface = "anthropic" if scope["path"] == "/v1/messages" else "openai"
-                await send_json(send, 403, json.loads(error_body(surface, 403, "Origin not allowed.", "cors_forbidden")))
+                await send_json(
+                    send, 403, json.loads(error_body(surface, 403, "Origin not allowed.", "cors_forbidden"))
+                )
                 return
-            headers = [(b"access-control-allow-origin", origin.encode()), (b"vary", b"Origin"),
-                       (b"access-control-allow-methods", b"GET, POST, PUT, PATCH, DELETE, OPTIONS"),
-                       (b"access-control-allow-headers", (header_value(scope["headers"], b"access-control-request-headers") or "*").encode()),
-                       (b"access-control-max-age", b"600"), (b"content-length", b"0")]
+            headers = [
+                (b"access-control-allow-origin", origin.encode()),
+                (b"vary", b"Origin"),
+                (b"access-control-allow-methods", b"GET, POST, PUT, PATCH, DELETE, OPTIONS"),
+                (
+                    b"access-control-allow-headers",
+                    (header_value(scope["headers"], b"access-control-request-headers") or "*").encode(),
+                ),
+                (b"access-control-max-age", b"600"),
+                (b"content-length", b"0"),
+            ]
             await send({"type": "http.response.start", "status": 204, "headers": headers})
             await send({"type": "http.response.body", "body": b""})
             return
@@ -3426,8 +3977,14 @@ class App:
 
         async def send_with_cors(message: Message) -> None:
             if message["type"] == "http.response.start":
-                message = {**message, "headers": [*message.get("headers", []), (b"access-control-allow-origin", origin.encode()),
-                                                  (b"vary", b"Origin")]}
+                message = {
+                    **message,
+                    "headers": [
+                        *message.get("headers", []),
+                        (b"access-control-allow-origin", origin.encode()),
+                        (b"vary", b"Origin"),
+                    ],
+                }
             await send(message)
 
         await self.dispatch(scope, receive, send_with_cors)
@@ -3449,12 +4006,17 @@ class App:
         self.registry.merge_configured(s.nodes)
         if s.demo:
             self.registry.merge_configured(await self.start_demo_nodes(), source="demo")
-        await asyncio.gather(*(self.registry.probe(n) for n in self.registry.nodes.values()
-                               if n.admin_state != "disabled"), return_exceptions=True)
+        await asyncio.gather(
+            *(self.registry.probe(n) for n in self.registry.nodes.values() if n.admin_state != "disabled"),
+            return_exceptions=True,
+        )
         if not self.registry.nodes and s.discover_local:
             await self.find_local_nodes()
         loop = asyncio.get_running_loop()
-        self._tasks += [loop.create_task(self.registry.refresh_forever()), loop.create_task(self.flush_forever())]
+        self._tasks += [
+            loop.create_task(self.registry.refresh_forever()),
+            loop.create_task(self.flush_forever()),
+        ]
         # Everything built so far lives as long as the process: keep the cyclic collector from walking it
         # again and again under load (full collections otherwise stall requests for milliseconds).
         gc.collect()
@@ -3474,13 +4036,22 @@ class App:
         """A client for talking to nodes, SSRF-guarded at connect time. The relay's sessions pass bodies
         through untouched (no decompression, no added headers) and wait up to the first-byte timeout."""
         s = self.settings
-        connector = aiohttp.TCPConnector(limit=0 if relay else 64, force_close=force_close,
-                                         resolver=GuardedResolver(lambda: s.allow_public_nodes))
+        connector = aiohttp.TCPConnector(
+            limit=0 if relay else 64,
+            force_close=force_close,
+            resolver=GuardedResolver(lambda: s.allow_public_nodes),
+        )
         if not relay:
             return aiohttp.ClientSession(connector=connector)
-        timeout = aiohttp.ClientTimeout(total=None, connect=s.connect_timeout_s, sock_read=s.first_byte_timeout_s)
-        return aiohttp.ClientSession(connector=connector, timeout=timeout, auto_decompress=False,
-                                     skip_auto_headers=("Accept-Encoding", "User-Agent"))
+        timeout = aiohttp.ClientTimeout(
+            total=None, connect=s.connect_timeout_s, sock_read=s.first_byte_timeout_s
+        )
+        return aiohttp.ClientSession(
+            connector=connector,
+            timeout=timeout,
+            auto_decompress=False,
+            skip_auto_headers=("Accept-Encoding", "User-Agent"),
+        )
 
     async def stop(self) -> None:
         for task in self._tasks:
@@ -3533,12 +4104,21 @@ class App:
         latency_ms = round(seconds * 1000, 2)
         if call.method == "POST" and call.model is not None:
             principal = call.principal
-            self.ledger.record((
-                time.time(), call.request_id, principal.key_id if principal else None,
-                principal.realm.name if principal else None, storable_text(call.model),
-                call.node.id if call.node else None,
-                call.meter.prompt or 0, call.meter.completion or 0, latency_ms, call.status, call.surface,
-            ))
+            self.ledger.record(
+                (
+                    time.time(),
+                    call.request_id,
+                    principal.key_id if principal else None,
+                    principal.realm.name if principal else None,
+                    storable_text(call.model),
+                    call.node.id if call.node else None,
+                    call.meter.prompt or 0,
+                    call.meter.completion or 0,
+                    latency_ms,
+                    call.status,
+                    call.surface,
+                )
+            )
         logged = log.isEnabledFor(logging.INFO)
         if logged or self.events.listened:
             summary = call.summary(latency_ms)
@@ -3555,8 +4135,12 @@ class App:
 
     def audit_denial(self, call: Call, exc: HTTPError) -> None:
         who = f"key:{call.principal.key_id}" if call.principal and call.principal.key else "anonymous"
-        details = {"status": exc.status, "code": exc.code, "path": storable_text(call.path),
-                   "model": storable_text(call.model) if call.model else None}
+        details = {
+            "status": exc.status,
+            "code": exc.code,
+            "path": storable_text(call.path),
+            "model": storable_text(call.model) if call.model else None,
+        }
         self.audit_log.record((time.time(), who, "denied", call.client, json.dumps(details)))
 
     def set_share(self, mode: str) -> None:
@@ -3568,8 +4152,7 @@ class App:
                 task.cancel()
 
 
-# ── dashboard: the owner's single page, embedded so it works offline with no build step ────────────────
-
+# ── dashboard: the owner's single page, embedded so it works offline with no build step ───────────────────
 
 DASHBOARD_HTML = """<!doctype html>
 <html lang="en">
@@ -4820,2063 +5403,16 @@ footer{max-width:1240px;margin:0 auto;padding:4px 16px 24px;color:var(--muted);f
 """
 
 
-# ── emulator: a deterministic LM Studio (and Ollama, generic OpenAI) node for demos, CI jobs and tests ─
-
-# Deterministic emulator of an LM Studio node, with Ollama and generic OpenAI-server (llama-server) flavors.
-#
-# It follows reference/lmstudio-api.md and reference/ollama-api.md closely enough that the gateway can be
-# tested, demoed and benchmarked without a GPU: same routes, same body shapes, same odd status codes (LM Studio
-# answers unknown routes with HTTP 200), JIT loading with auto-evict, per-instance parallel slots, auth tokens,
-# and fault injection for failover tests. Standard library and aiohttp only, and no module-level mutable state,
-# so the section can live inside the single-file product.
-#
-# Token accounting rule (documented because tests and usage figures depend on it): one generated word is one
-# token; prompt tokens are the whitespace-separated words of every message's text plus 4 per message (raw
-# `prompt` strings count words only).
-
-class _LazyModule:
-    """A module imported on first use: only the emulator needs aiohttp's server half, and a gateway that
-    never runs one should not carry its memory."""
-
-    def __init__(self, name: str) -> None:
-        self._name = name
-
-    def __getattr__(self, attr: str) -> Any:
-        return getattr(importlib.import_module(self._name), attr)
-
-
-web: Any = _LazyModule("aiohttp.web")
-_MOCK_FLAVORS = ("lmstudio", "ollama", "openai")
-_MOCK_TYPES = ("llm", "vlm", "embedding")
-_MOCK_SPEC_TYPES = {"llm": "llm", "vlm": "vlm", "embedding": "embedding", "embeddings": "embedding"}
-_MOCK_FAULTS = ("500", "503", "429", "stall", "midstream")
-_MOCK_TOKEN_RE = re.compile(r"sk-lm-[A-Za-z0-9]{8}:[A-Za-z0-9]{20}")
-_MOCK_LOAD_KEYS = frozenset(
-    {
-        "model",
-        "context_length",
-        "eval_batch_size",
-        "flash_attention",
-        "num_experts",
-        "offload_kv_cache_to_gpu",
-        "echo_load_config",
-    }
-)
-_MOCK_OLLAMA_VERSION = "0.12.3"
-_MOCK_LLAMA_FINGERPRINT = "b6000-mock"
-_MOCK_EMBED_DIM = 16
-_MOCK_TOKENS_PER_MESSAGE = 4
-_MOCK_STORED_RESPONSES = 1000
-_MOCK_DISCONNECT_GRACE = 5.0
-_MOCK_WEATHER_RE = re.compile(r"\bweather\b", re.IGNORECASE)
-_MOCK_AUTH_MISSING = (
-    "An LM Studio API token is required to make requests to this server, but none was provided using the "
-    "Authorization header using the 'Bearer' scheme. Create a token in the Server Settings of LM Studio and "
-    "send it as 'Authorization: Bearer <token>'."
-)
-_MOCK_NO_MODELS = "No models loaded. Please load a model in the developer page or use the 'lms load' command."
-_MOCK_FAULT_MESSAGES = {
-    "500": "Internal server error while generating a response.",
-    "503": "Server busy: too many pending predictions, please try again.",
-    "429": "Too many requests: slow down and try again.",
-}
-_MOCK_OLLAMA_FAULT_MESSAGES = {
-    "500": "an error was encountered while running the model",
-    "503": "server busy, please try again.  maximum pending requests exceeded",
-    "429": "too many requests",
-}
-_MOCK_STOP_REASONS = {"stop": "eosFound", "length": "maxPredictedTokensReached", "tool_calls": "toolCalls"}
-# The vocabulary of generated text: plain words, one token each.
-_MOCK_WORD_TEXT = """
-    about above across after again air along always animal answer apple area autumn away back ball bank
-    basket beach bear beautiful bed before begin behind bell below best between bird black blue boat body
-    book bottle bread bridge bright brother brown build busy butter cake call calm camera candle car card
-    care carry castle cat chair chalk change cheese child circle city clean clear clock close cloud coast
-    coffee cold color come cook cool copper corner cotton country course cover cow cream cup dance dark day
-    deep desk dinner door down dream dress drink dry duck early earth east easy egg end evening every eye
-    face fair fall family farm fast feather field fire fish flag floor flower fly fog follow food forest fox
-    free fresh friend fruit full game gate gentle gift glass gold good grass green ground grow guitar hair
-    half hand happy harbor hat heart heavy hill home honey horse hour house idea island jacket journey jump
-    key kind kitchen kite lake lamp land large late laugh leaf learn left letter light lion little long low
-    lucky map market meadow metal milk mirror moon morning mountain music name near nest new night noon
-    north nose ocean office old open orange paper park path pencil people pepper piano picture pillow plain
-    plant plate pocket pond quiet rabbit rain read red rest rice ring road rock roof room rope round salt
-    sand school sea season seed shadow sheep shell ship shirt shoe short silver simple sing sister sky sleep
-    slow small smile snow soft song soup south spring square stair star station steady story street strong
-    sugar summer sun sweet table tall tea teacher thread ticket tiger time today train travel tree true turn
-    umbrella under valley village violin voice wall warm watch water wave west wheel white wide wind window
-    winter wise wood word world yellow young zebra
-"""
-
-
-# --------------------------------------------------------------------------------------------------------
-# Public data types
-
-
-@dataclass
-class MockModel:
-    """One downloaded model of an emulated node; `loaded` models start resident as if loaded by hand."""
-
-    id: str
-    type: str = "llm"
-    loaded: bool = False
-    context_length: int = 4096
-    max_context_length: int = 32768
-    parallel: int = 4
-    vision: bool = False
-    tools: bool = True
-    reasoning: bool = False
-    quantization: str = "Q4_K_M"
-    format: str = "gguf"
-    size_bytes: int = 2_500_000_000
-    publisher: str = ""
-    arch: str = ""
-
-    def __post_init__(self) -> None:
-        _mock_validate_model(self)
-        if self.type == "vlm":
-            self.vision = True
-        if self.type == "embedding":
-            self.tools = False
-        if not self.publisher:
-            self.publisher = self.id.split("/", 1)[0] if "/" in self.id else "lmstudio-community"
-        if not self.arch:
-            self.arch = _mock_guess_arch(self.id, self.type)
-
-    @property
-    def is_embedding(self) -> bool:
-        return self.type == "embedding"
-
-
-@dataclass
-class Received:
-    """One request as the node saw it (headers keyed in lower case, `time` from time.monotonic())."""
-
-    method: str
-    path: str
-    query: str
-    headers: dict[str, str]
-    body: bytes
-    json: Any | None
-    time: float
-
-
-@dataclass
-class NodeStats:
-    """Counters a test can poll. `tokens_generated` counts every produced token (cancelled ones too);
-    `completion_tokens_total` only those of finished generations."""
-
-    requests: int = 0
-    generations_started: int = 0
-    generations_finished: int = 0
-    generations_cancelled: int = 0
-    active_generations: int = 0
-    peak_active_generations: int = 0
-    queued_generations: int = 0
-    loads: int = 0
-    unloads: int = 0
-    tokens_generated: int = 0
-    prompt_tokens_total: int = 0
-    completion_tokens_total: int = 0
-    stale_drops: int = 0
-    faults_injected: int = 0
-    load_log: list[str] = field(default_factory=list)
-
-
-def parse_model_specs(spec: str) -> list[MockModel]:
-    """Parse the CLI list `id[:type][:loaded],…`; trailing `llm|vlm|embedding|loaded` segments are flags,
-    every other segment belongs to the id (so `qwen/qwen3-4b:2` and `llama3.2:latest` stay whole)."""
-    if not spec.strip():
-        raise ValueError("no models given: expected 'id[:type][:loaded],id2…'")
-    models = [_mock_parse_model_spec(entry.strip()) for entry in spec.split(",")]
-    seen: set[str] = set()
-    for model in models:
-        if model.id in seen:
-            raise ValueError(f"model {model.id!r} is listed twice")
-        seen.add(model.id)
-    return models
-
-
-def _mock_parse_model_spec(entry: str) -> MockModel:
-    if not entry:
-        raise ValueError("empty model entry in the model list (look for a stray comma)")
-    parts = entry.split(":")
-    kind: str | None = None
-    loaded = False
-    while len(parts) > 1 and (parts[-1].lower() in _MOCK_SPEC_TYPES or parts[-1].lower() == "loaded"):
-        flag = parts.pop().lower()
-        if flag == "loaded" and not loaded:
-            loaded = True
-        elif flag != "loaded" and kind is None:
-            kind = _MOCK_SPEC_TYPES[flag]
-        else:
-            raise ValueError(f"model entry {entry!r} repeats the flag or type {flag!r}")
-    if "" in parts:
-        raise ValueError(f"model entry {entry!r} has an empty ':'-separated segment")
-    return MockModel(id=":".join(parts), type=kind or "llm", loaded=loaded)
-
-
-def _mock_validate_model(model: MockModel) -> None:
-    if not model.id or any(ch.isspace() for ch in model.id):
-        raise ValueError(f"invalid model id {model.id!r}: it must be non-empty and contain no spaces")
-    if model.type not in _MOCK_TYPES:
-        raise ValueError(
-            f"model {model.id!r}: type must be one of {', '.join(_MOCK_TYPES)}, not {model.type!r}"
-        )
-    if model.parallel < 1 or model.context_length < 1 or model.max_context_length < 1:
-        raise ValueError(f"model {model.id!r}: parallel and context lengths must be positive")
-
-
-# --------------------------------------------------------------------------------------------------------
-# Model-derived catalogue fields
-
-
-def _mock_model_name(model_id: str) -> str:
-    return model_id.split("/")[-1]
-
-
-def _mock_guess_arch(model_id: str, kind: str) -> str:
-    name = _mock_model_name(model_id).lower()
-    if kind == "embedding":
-        return "nomic-bert" if "nomic" in name else "bert"
-    # The family is usually the first dash-separated part of the name, e.g. "qwen3" in "qwen3-4b".
-    return re.split(r"[-_:.]", name)[0] or "llama"
-
-
-def _mock_params_string(model: MockModel) -> str | None:
-    match = re.search(
-        r"(?:^|[-_])(\d+(?:\.\d+)?[bm])(?:-(a\d+(?:\.\d+)?[bm]))?(?=$|[-_:@])", model.id.lower()
-    )
-    if match is None:
-        return None
-    return "-".join(part.upper() for part in match.groups() if part)
-
-
-def _mock_display_name(model: MockModel) -> str:
-    words = re.split(r"[-_]", _mock_model_name(model.id).split(":")[0])
-    return " ".join(
-        w.upper() if re.fullmatch(r"\d+(\.\d+)?[bm]", w) else w[:1].upper() + w[1:] for w in words
-    )
-
-
-def _mock_bits(quantization: str) -> int | None:
-    match = re.search(r"\d+", quantization)
-    return int(match.group()) if match else None
-
-
-def _mock_variant(model: MockModel) -> str:
-    return f"{model.id}@{model.quantization.lower()}"
-
-
-def _mock_runtime(model: MockModel) -> dict[str, Any]:
-    if model.format == "mlx":
-        return {
-            "name": "mlx-llm-mac-arm64-apple-metal-advsimd",
-            "version": "0.30.0",
-            "supported_formats": ["safetensors"],
-        }
-    return {"name": "llama.cpp-linux-x86_64-avx2", "version": "1.50.2", "supported_formats": ["gguf"]}
-
-
-def _mock_ollama_capabilities(model: MockModel) -> list[str]:
-    if model.is_embedding:
-        return ["embedding"]
-    flags = [("tools", model.tools), ("vision", model.vision), ("thinking", model.reasoning)]
-    return ["completion", *(name for name, on in flags if on)]
-
-
-def _mock_ollama_details(model: MockModel) -> dict[str, Any]:
-    return {
-        "parent_model": "",
-        "format": model.format,
-        "family": model.arch,
-        "families": [model.arch],
-        "parameter_size": _mock_params_string(model) or "1B",
-        "quantization_level": model.quantization,
-    }
-
-
-# --------------------------------------------------------------------------------------------------------
-# Text, JSON and framing helpers
-
-
-def _mock_dumps(obj: Any) -> str:
-    # Compact like Express's JSON.stringify, so byte-level comparisons against real captures stay close.
-    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
-
-
-def _mock_json(obj: Any, status: int = 200) -> web.Response:
-    return web.Response(text=_mock_dumps(obj), status=status, content_type="application/json")
-
-
-def _mock_sse_data(obj: Any) -> str:
-    return f"data: {_mock_dumps(obj)}\n\n"
-
-
-def _mock_sse_event(name: str, obj: Any) -> str:
-    return f"event: {name}\ndata: {_mock_dumps(obj)}\n\n"
-
-
-def _mock_ndjson(obj: Any) -> str:
-    return _mock_dumps(obj) + "\n"
-
-
-def _mock_word_count(text: str) -> int:
-    return len(text.split())
-
-
-def _mock_content_text(content: Any) -> str:
-    """Flatten message content (string, list of parts, Anthropic blocks) to its plain text."""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return " ".join(_mock_content_text(part) for part in content)
-    if isinstance(content, dict):
-        if isinstance(content.get("text"), str):
-            return content["text"]
-        return _mock_content_text(content.get("content"))
-    return ""
-
-
-def _mock_turn_tokens(turns: list[tuple[str, str]]) -> int:
-    return sum(_mock_word_count(text) + _MOCK_TOKENS_PER_MESSAGE for _, text in turns)
-
-
-def _mock_chat_turns(messages: Any) -> list[tuple[str, str]]:
-    if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
-        raise _MockHTTPError(400, "'messages' must be an array of message objects.", param="messages")
-    return [(str(m.get("role", "user")), _mock_content_text(m.get("content"))) for m in messages]
-
-
-def _mock_system_turns(system: Any) -> list[tuple[str, str]]:
-    text = _mock_content_text(system)
-    return [("system", text)] if text else []
-
-
-def _mock_response_turns(body: dict[str, Any]) -> list[tuple[str, str]]:
-    turns = _mock_system_turns(body.get("instructions"))
-    source = body.get("input")
-    if isinstance(source, str):
-        return [*turns, ("user", source)]
-    if not isinstance(source, list):
-        raise _MockHTTPError(400, "'input' must be a string or an array of input items.", param="input")
-    for item in source:
-        if isinstance(item, dict):
-            text = _mock_content_text(item.get("content", item.get("output")))
-            turns.append((str(item.get("role", "user")), text))
-    return turns
-
-
-def _mock_native_turns(body: dict[str, Any]) -> list[tuple[str, str]]:
-    turns = _mock_system_turns(body.get("system_prompt"))
-    source = body.get("input")
-    if isinstance(source, str):
-        return [*turns, ("user", source)]
-    if not isinstance(source, list) or not source:
-        raise _MockHTTPError(
-            400, "'input' must be a string or a non-empty array of input items.", param="input"
-        )
-    text = " ".join(_mock_content_text(item.get("content")) for item in source if isinstance(item, dict))
-    return [*turns, ("user", text)]
-
-
-def _mock_embedding_inputs(value: Any) -> list[str]:
-    if isinstance(value, str):
-        return [value]
-    if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
-        return list(value)
-    raise _MockHTTPError(400, "'input' must be a string or a non-empty array of strings.", param="input")
-
-
-def _mock_embedding(text: str) -> list[float]:
-    """A unit vector derived from sha256(text): stable across runs and nodes, different per text."""
-    raw = [byte - 127.5 for byte in hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest()[:_MOCK_EMBED_DIM]]
-    norm = math.sqrt(sum(v * v for v in raw)) or 1.0
-    return [v / norm for v in raw]
-
-
-def _mock_int(value: Any) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
-
-
-def _mock_float(value: Any) -> float | None:
-    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
-
-
-def _mock_now_iso(offset: float = 0.0) -> str:
-    return (datetime.now(UTC) + timedelta(seconds=offset)).isoformat().replace("+00:00", "Z")
-
-
-def _mock_keep_alive_zero(value: Any) -> bool:
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        return value == 0
-    return isinstance(value, str) and re.fullmatch(r"0+(\.0*)?(ns|us|ms|s|m|h)?", value.strip()) is not None
-
-
-def _mock_version(version: str) -> tuple[int, int, int]:
-    """Parse "0.4.6", "0.3" or "0.4.6+1"; missing parts count as the newest patch of that line."""
-    parts = [re.match(r"\d+", p) for p in version.split("+")[0].split(".")]
-    if not parts or len(parts) > 3 or any(p is None for p in parts):
-        raise ValueError(f"invalid LM Studio version {version!r}: expected e.g. '0.4.6' or '0.3'")
-    numbers = [int(p.group()) for p in parts if p is not None] + [999, 999]
-    return numbers[0], numbers[1], numbers[2]
-
-
-def _mock_tool_call(tools: Any, turns: list[tuple[str, str]], call_id: str) -> dict[str, str] | None:
-    """A call to the request's weather tool when the last user message mentions the weather."""
-    if not isinstance(tools, list) or not tools:
-        return None
-    last_user = next((text for role, text in reversed(turns) if role == "user"), "")
-    if not _MOCK_WEATHER_RE.search(last_user):
-        return None
-    specs = [t.get("function", t) for t in tools if isinstance(t, dict)]
-    specs = [s for s in specs if isinstance(s, dict) and isinstance(s.get("name"), str)]
-    if not specs:
-        return None
-    spec = next((s for s in specs if "weather" in s["name"].lower()), specs[0])
-    params = spec.get("parameters") or spec.get("input_schema") or {}
-    props = params.get("properties") if isinstance(params, dict) else None
-    required = params.get("required") if isinstance(params, dict) else None
-    names = [*(required or []), *(props or {})] if isinstance(props, dict) else []
-    arguments = {names[0]: "Paris"} if names else {}
-    return {"id": call_id, "name": spec["name"], "arguments": _mock_dumps(arguments)}
-
-
-def _mock_sentence(rng: random.Random, count: int, ends: bool) -> list[str]:
-    vocabulary = _MOCK_WORD_TEXT.split()
-    words = [rng.choice(vocabulary) for _ in range(count)]
-    words[0] = words[0].capitalize()
-    if ends:
-        words[-1] += "."
-    return [words[0], *(" " + w for w in words[1:])]
-
-
-# --------------------------------------------------------------------------------------------------------
-# Internal plumbing types
-
-
-class _MockHTTPError(Exception):
-    """An error answer; the route's error style decides the body shape."""
-
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        *,
-        kind: str = "invalid_request_error",
-        param: str | None = None,
-        code: str | None = None,
-        v1_type: str | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.kind = kind
-        self.param = param
-        self.code = code
-        if v1_type is None:
-            v1_type = "model_not_found" if code == "model_not_found" else "invalid_request"
-            v1_type = "internal_error" if status >= 500 else v1_type
-        self.v1_type = v1_type
-
-
-class _MockAbort(Exception):
-    """The node cut the connection on purpose; the handler must end without writing anything more."""
-
-
-@dataclass
-class _MockInstance:
-    id: str
-    model: MockModel
-    context_length: int
-    jit: bool
-    slots: asyncio.Semaphore
-    active: int = 0
-    waiting: int = 0
-    last_used: float = field(default_factory=time.time)
-
-
-@dataclass
-class _MockTarget:
-    model: MockModel
-    instance: _MockInstance | None
-
-
-@dataclass
-class _MockSampling:
-    max_tokens: int | None = None
-    temperature: float | None = None
-    seed: int | None = None
-
-
-@dataclass
-class _MockPlan:
-    """What a generation will produce: text tokens, or tool-call argument fragments after an empty header."""
-
-    pieces: list[str]
-    finish: str
-    prompt_tokens: int
-    tool: dict[str, str] | None = None
-
-    @property
-    def text(self) -> str:
-        return "" if self.tool else "".join(self.pieces)
-
-    @property
-    def completion_tokens(self) -> int:
-        return len(self.pieces)
-
-    def usage(self) -> dict[str, int]:
-        return {
-            "prompt_tokens": self.prompt_tokens,
-            "completion_tokens": self.completion_tokens,
-            "total_tokens": self.prompt_tokens + self.completion_tokens,
-        }
-
-
-@dataclass
-class _MockTiming:
-    first_token: float
-    generation: float
-    load: float | None = None
-
-    def tokens_per_second(self, tokens: int) -> float:
-        return round(tokens / self.generation, 2) if self.generation > 0 else 0.0
-
-
-# Quoted so the alias also works where postponed annotations are off (this section may be pasted elsewhere).
-_MockHandler = Callable[["_MockCall"], Awaitable[Any]]  # returns an aiohttp.web.StreamResponse
-
-
-@dataclass(frozen=True)
-class _MockRoute:
-    handler: _MockHandler
-    errors: str = "openai"
-    inference: bool = False
-    fingerprint: str = ""
-    extras: str = ""
-
-
-@dataclass
-class _MockCall:
-    request: web.Request
-    body: bytes
-    data: Any
-    json_error: str | None
-    route: _MockRoute
-    abort_after: int | None = None
-
-    def payload(self) -> dict[str, Any]:
-        if self.json_error is not None:
-            raise _MockHTTPError(400, f"Malformed JSON in request body: {self.json_error}")
-        if not isinstance(self.data, dict):
-            raise _MockHTTPError(400, "The request body must be a JSON object.")
-        return self.data
-
-
-_MockEmit = Callable[[int, str], Awaitable[None]]
-
-
-class _MockStream:
-    """Writes one frame at a time; the response is prepared lazily so that anything rejected before the
-    first frame is still a plain HTTP error, and nothing is sent while a JIT load is in progress."""
-
-    def __init__(self, call: _MockCall, content_type: str) -> None:
-        self._call = call
-        self._content_type = content_type
-        self._response: web.StreamResponse | None = None
-        self.sent = 0
-
-    async def send(self, frame: str) -> None:
-        if self._call.abort_after is not None and self.sent >= self._call.abort_after:
-            self._abort()
-        response = await self._prepared()
-        await response.write(frame.encode())
-        self.sent += 1
-
-    async def finish(self) -> web.StreamResponse:
-        if self._call.abort_after is not None:
-            self._abort()
-        response = await self._prepared()
-        await response.write_eof()
-        return response
-
-    async def _prepared(self) -> web.StreamResponse:
-        if self._response is None:
-            headers = {"Content-Type": self._content_type, "Cache-Control": "no-cache"}
-            self._response = web.StreamResponse(status=200, headers=headers)
-            await self._response.prepare(self._call.request)
-        return self._response
-
-    def _abort(self) -> NoReturn:
-        transport = self._call.request.transport
-        if transport is not None:
-            transport.abort()
-        raise _MockAbort()
-
-
-# --------------------------------------------------------------------------------------------------------
-# The node
-
-
-class MockNode:
-    """An emulated inference server. Start it on a running loop; every answer is derived from the request,
-    the node's seed and (for sampled requests) a per-node counter."""
-
-    def __init__(
-        self,
-        models: list[MockModel],
-        *,
-        flavor: str = "lmstudio",
-        version: str = "0.4.6",
-        token: str | None = None,
-        load_delay: float = 0.0,
-        tps: float = 0.0,
-        jit: bool = True,
-        auto_evict: bool = True,
-        close_after_response: bool = False,
-        completion_tokens: int = 12,
-        seed: int = 0,
-    ) -> None:
-        self._check_settings(models, flavor, load_delay, tps, completion_tokens)
-        self.models = list(models)
-        self.flavor = flavor
-        self.version = version
-        self._version = _mock_version(version)
-        self._token = token
-        self._load_delay = load_delay
-        self._tps = tps
-        self._jit = jit
-        self._auto_evict = auto_evict
-        self._close_after_response = close_after_response
-        self._completion_tokens = completion_tokens
-        self._seed = seed
-        self.url = ""
-        self.received: list[Received] = []
-        self.stats = NodeStats()
-        self._init_state()
-        self.app = self._build_app()
-
-    @staticmethod
-    def _check_settings(
-        models: list[MockModel], flavor: str, load_delay: float, tps: float, completion_tokens: int
-    ) -> None:
-        if flavor not in _MOCK_FLAVORS:
-            raise ValueError(f"flavor must be one of {', '.join(_MOCK_FLAVORS)}, not {flavor!r}")
-        if load_delay < 0 or tps < 0 or completion_tokens < 1:
-            raise ValueError("load_delay and tps must be >= 0 and completion_tokens >= 1")
-        ids = [m.id for m in models]
-        if len(set(ids)) != len(ids):
-            raise ValueError("model ids must be unique")
-
-    def _init_state(self) -> None:
-        self._instances: list[_MockInstance] = []
-        self._pending_loads: dict[str, asyncio.Task[_MockInstance]] = {}
-        self._stored_responses: dict[str, list[tuple[str, str]]] = {}
-        self._tasks: set[asyncio.Task[Any]] = set()
-        self._seen_transports: weakref.WeakSet[Any] = weakref.WeakSet()
-        self._routes: dict[tuple[str, str], _MockRoute] = {}
-        self._prefix_routes: list[tuple[str, str, _MockRoute]] = []
-        self._runner: web.AppRunner | None = None
-        self._nonce = 0
-        self._id_counter = 0
-        self._created = int(time.time())
-        self._fault: str | None = None
-        self._fault_rate = 1.0
-        self._fault_after = 2
-        self._fault_rng = random.Random(f"{self._seed}:faults")
-        for model in self.models:
-            if model.loaded or self.flavor == "openai":
-                self._add_instance(model, model.context_length, jit=False, count=False)
-
-    def _build_app(self) -> web.Application:
-        # Chat requests may carry base64 images, far beyond aiohttp's 1 MiB default body limit.
-        app = web.Application(client_max_size=64 * 1024 * 1024)
-        register = {
-            "lmstudio": self._lmstudio_routes,
-            "ollama": self._ollama_routes,
-            "openai": self._openai_routes,
-        }
-        register[self.flavor]()
-        if self.flavor == "lmstudio":
-            app.on_response_prepare.append(self._tag_express)
-        app.router.add_route("*", "/{tail:.*}", self._dispatch)
-        return app
-
-    # ---- public control surface -------------------------------------------------------------------------
-
-    async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
-        if self._runner is not None:
-            raise RuntimeError("this node is already started")
-        # handler_cancellation makes aiohttp cancel a handler when its client goes away, which is how a
-        # disconnect stops a generation at once (LM Studio logs "Client disconnected. Stopping generation").
-        runner = web.AppRunner(self.app, handler_cancellation=True, access_log=None, shutdown_timeout=0.25)
-        await runner.setup()
-        await web.TCPSite(runner, host, port).start()
-        self._runner = runner
-        bound_port = runner.addresses[0][1]
-        self.url = f"http://{host}:{bound_port}"
-        return self.url
-
-    async def stop(self) -> None:
-        runner, self._runner = self._runner, None
-        if runner is None:
-            return
-        for task in [*self._tasks, *self._pending_loads.values()]:
-            task.cancel()
-        await runner.cleanup()
-
-    def set_fault(self, kind: str | None, rate: float = 1.0, after_chunks: int = 2) -> None:
-        if kind is not None and kind not in _MOCK_FAULTS:
-            raise ValueError(f"fault kind must be None or one of {', '.join(_MOCK_FAULTS)}, not {kind!r}")
-        if not 0.0 <= rate <= 1.0 or after_chunks < 0:
-            raise ValueError("fault rate must be within [0, 1] and after_chunks >= 0")
-        self._fault, self._fault_rate, self._fault_after = kind, rate, after_chunks
-        # Re-seeding on every change makes a given fault setting pick the same requests on every run.
-        self._fault_rng = random.Random(f"{self._seed}:faults:{kind}:{rate}")
-
-    def set_token(self, token: str | None) -> None:
-        self._token = token
-
-    def loaded_ids(self) -> list[str]:
-        return [inst.id for inst in self._instances]
-
-    # ---- routing ------------------------------------------------------------------------------------------
-
-    def _add(
-        self,
-        method: str,
-        path: str,
-        handler: _MockHandler,
-        *,
-        errors: str = "openai",
-        inference: bool = False,
-        fingerprint: str = "",
-        extras: str = "",
-        prefix: bool = False,
-    ) -> None:
-        route = _MockRoute(handler, errors, inference, fingerprint, extras)
-        if prefix:
-            self._prefix_routes.append((method, path, route))
-        else:
-            self._routes[(method, path)] = route
-
-    def _lmstudio_routes(self) -> None:
-        self._add("GET", "/lmstudio-greeting", self._greeting)
-        self._add("GET", "/v1/models", self._lms_openai_models)
-        self._add("POST", "/v1/chat/completions", self._chat_completions, inference=True, extras="v1")
-        self._add("POST", "/v1/completions", self._completions, inference=True, extras="v1")
-        self._add("POST", "/v1/embeddings", self._embeddings, inference=True)
-        if self._version >= (0, 3, 29):
-            self._add("POST", "/v1/responses", self._responses, inference=True)
-        if self._version >= (0, 4, 1):
-            self._add("POST", "/v1/messages", self._messages, inference=True)
-        if self._version >= (0, 3, 6):
-            self._v0_routes()
-        if self._version >= (0, 4, 0):
-            self._v1_native_routes()
-
-    def _v0_routes(self) -> None:
-        self._add("GET", "/api/v0/models", self._v0_models)
-        self._add("GET", "/api/v0/models/", self._v0_model, prefix=True)
-        self._add("POST", "/api/v0/chat/completions", self._chat_completions, inference=True, extras="v0")
-        self._add("POST", "/api/v0/completions", self._completions, inference=True, extras="v0")
-        self._add("POST", "/api/v0/embeddings", self._embeddings, inference=True, extras="v0")
-
-    def _v1_native_routes(self) -> None:
-        self._add("GET", "/api/v1/models", self._v1_models, errors="lms_v1")
-        self._add("POST", "/api/v1/models/load", self._v1_load, errors="lms_v1")
-        self._add("POST", "/api/v1/models/unload", self._v1_unload, errors="lms_v1")
-        self._add("POST", "/api/v1/chat", self._v1_chat, errors="lms_v1", inference=True)
-
-    def _ollama_routes(self) -> None:
-        for method in ("GET", "HEAD"):
-            self._add(method, "/", self._ollama_root, errors="ollama")
-            self._add(method, "/api/version", self._ollama_version, errors="ollama")
-            self._add(method, "/api/tags", self._ollama_tags, errors="ollama")
-        self._add("GET", "/api/ps", self._ollama_ps, errors="ollama")
-        self._add("POST", "/api/show", self._ollama_show, errors="ollama")
-        self._add("POST", "/api/chat", self._ollama_chat, errors="ollama", inference=True)
-        self._add("POST", "/api/generate", self._ollama_generate, errors="ollama", inference=True)
-        self._add("POST", "/api/embed", self._ollama_embed, errors="ollama", inference=True)
-        self._add("POST", "/api/embeddings", self._ollama_embeddings_legacy, errors="ollama", inference=True)
-        self._add("GET", "/v1/models", self._ollama_openai_models, errors="ollama_openai")
-        self._add("GET", "/v1/models/", self._ollama_openai_model, errors="ollama_openai", prefix=True)
-        for path, handler in (
-            ("/v1/chat/completions", self._chat_completions),
-            ("/v1/completions", self._completions),
-        ):
-            self._add("POST", path, handler, errors="ollama_openai", inference=True, fingerprint="fp_ollama")
-        self._add("POST", "/v1/embeddings", self._embeddings, errors="ollama_openai", inference=True)
-
-    def _openai_routes(self) -> None:
-        self._add("GET", "/health", self._llama_health, errors="llama")
-        self._add("GET", "/v1/models", self._llama_models, errors="llama")
-        for path, handler in (
-            ("/v1/chat/completions", self._chat_completions),
-            ("/v1/completions", self._completions),
-        ):
-            self._add(
-                "POST", path, handler, errors="llama", inference=True, fingerprint=_MOCK_LLAMA_FINGERPRINT
-            )
-        self._add("POST", "/v1/embeddings", self._embeddings, errors="llama", inference=True)
-
-    def _match(self, method: str, path: str) -> _MockRoute | None:
-        route = self._routes.get((method, path))
-        if route is not None:
-            return route
-        for route_method, prefix, candidate in self._prefix_routes:
-            if method == route_method and path.startswith(prefix) and len(path) > len(prefix):
-                return candidate
-        return None
-
-    def _path_known(self, path: str) -> bool:
-        return any(p == path for _, p in self._routes) or any(
-            path.startswith(prefix) for _, prefix, _ in self._prefix_routes
-        )
-
-    # ---- request pipeline -----------------------------------------------------------------------------------
-
-    async def _dispatch(self, request: web.Request) -> web.StreamResponse:
-        task = asyncio.current_task()
-        if task is not None:
-            self._tasks.add(task)
-        try:
-            return await self._handle(request)
-        except (_MockAbort, ConnectionError):
-            return await self._await_disconnect()
-        finally:
-            if task is not None:
-                self._tasks.discard(task)
-
-    async def _handle(self, request: web.Request) -> web.StreamResponse:
-        body, data, json_error = await self._record(request)
-        if self._is_stale(request):
-            return await self._drop_stale(request)
-        denied = self._auth_denied(request)
-        if denied is not None:
-            return denied
-        route = self._match(request.method, request.path)
-        if route is None:
-            return self._unknown_route(request)
-        call = _MockCall(request, body, data, json_error, route)
-        try:
-            if route.inference:
-                await self._inject_fault(call)
-            return await route.handler(call)
-        except _MockHTTPError as err:
-            return self._render_error(err, route.errors)
-
-    async def _record(self, request: web.Request) -> tuple[bytes, Any, str | None]:
-        body = await request.read()
-        data: Any = None
-        json_error: str | None = None
-        if body:
-            try:
-                data = json.loads(body)
-            except (ValueError, RecursionError) as exc:
-                json_error = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
-        headers = {k.lower(): v for k, v in request.headers.items()}
-        self.received.append(
-            Received(
-                request.method, request.path, request.query_string, headers, body, data, time.monotonic()
-            )
-        )
-        self.stats.requests += 1
-        return body, data, json_error
-
-    async def _await_disconnect(self) -> web.StreamResponse:
-        # The transport is already gone; aiohttp cancels this handler as soon as it notices, which ends the
-        # request quietly (raising the ConnectionError instead would be logged as a server error).
-        await asyncio.sleep(_MOCK_DISCONNECT_GRACE)
-        return web.Response(status=499)
-
-    def _is_stale(self, request: web.Request) -> bool:
-        transport = request.transport
-        if not self._close_after_response or transport is None:
-            return False
-        if transport in self._seen_transports:
-            return True
-        self._seen_transports.add(transport)
-        return False
-
-    async def _drop_stale(self, request: web.Request) -> web.StreamResponse:
-        # Emulates a server that closed this keep-alive connection after the previous response without a
-        # "Connection: close" header: the client only learns it when its next request gets no answer.
-        self.stats.stale_drops += 1
-        if request.transport is not None:
-            request.transport.close()
-        return await self._await_disconnect()
-
-    async def _tag_express(self, request: web.Request, response: web.StreamResponse) -> None:
-        response.headers.setdefault("X-Powered-By", "Express")
-
-    def _unknown_route(self, request: web.Request) -> web.Response:
-        if self.flavor == "ollama":
-            if self._path_known(request.path):
-                return web.Response(status=405, text="405 method not allowed", content_type="text/plain")
-            return web.Response(status=404, text="404 page not found", content_type="text/plain")
-        if self.flavor == "openai":
-            return _mock_json(
-                {"error": {"code": 404, "message": "File Not Found", "type": "not_found_error"}}, 404
-            )
-        # LM Studio answers every unknown route or method with HTTP 200 and an error string.
-        return _mock_json({"error": f"Unexpected endpoint or method. ({request.method} {request.path})"})
-
-    def _render_error(self, err: _MockHTTPError, style: str) -> web.Response:
-        if style == "lms_v1":
-            return _mock_json({"error": {"type": err.v1_type, "message": err.message}}, err.status)
-        if style == "ollama":
-            return _mock_json({"error": err.message}, err.status)
-        if style == "llama":
-            kind = {404: "not_found_error", 503: "unavailable_error"}.get(err.status, err.kind)
-            kind = "server_error" if err.status == 500 else kind
-            return _mock_json(
-                {"error": {"code": err.status, "message": err.message, "type": kind}}, err.status
-            )
-        if style == "ollama_openai":
-            kind = {400: "invalid_request_error", 404: "not_found_error"}.get(err.status, "api_error")
-            body = {"message": err.message, "type": kind, "param": None, "code": None}
-            return _mock_json({"error": body}, err.status)
-        body = {"message": err.message, "type": err.kind, "param": err.param, "code": err.code}
-        return _mock_json({"error": body}, err.status)
-
-    # ---- auth (LM Studio 0.4+) ----------------------------------------------------------------------------
-
-    def _auth_denied(self, request: web.Request) -> web.Response | None:
-        if self.flavor != "lmstudio" or self._token is None or self._version < (0, 4, 0):
-            return None
-        # The greeting stays open: probes identify the node before they know whether a token is needed.
-        if request.path == "/lmstudio-greeting":
-            return None
-        presented = self._presented_tokens(request)
-        if any(hmac.compare_digest(t.encode(), self._token.encode()) for t in presented):
-            return None
-        message = self._auth_message(presented[0] if presented else None)
-        return _mock_json(
-            {"error": {"type": "invalid_request", "code": "invalid_api_key", "message": message}}, 401
-        )
-
-    def _presented_tokens(self, request: web.Request) -> list[str]:
-        tokens: list[str] = []
-        scheme, _, value = request.headers.get("Authorization", "").strip().partition(" ")
-        if scheme.lower() == "bearer" and value.strip():
-            tokens.append(value.strip())
-        api_key = request.headers.get("x-api-key", "").strip()
-        if request.path == "/v1/messages" and api_key:
-            tokens.append(api_key)
-        return tokens
-
-    @staticmethod
-    def _auth_message(presented: str | None) -> str:
-        if presented is None:
-            return _MOCK_AUTH_MISSING
-        if not _MOCK_TOKEN_RE.fullmatch(presented):
-            return f"Malformed LM Studio API token provided: {presented[:6]}... Ensure you are using a valid token."
-        return "Invalid LM Studio API token provided."
-
-    # ---- fault injection ------------------------------------------------------------------------------------
-
-    async def _inject_fault(self, call: _MockCall) -> None:
-        if self._fault is None or self._fault_rng.random() >= self._fault_rate:
-            return
-        self.stats.faults_injected += 1
-        if self._fault == "stall":
-            # Never answer; aiohttp cancels this wait when the client gives up, stop() cancels it too.
-            await asyncio.Event().wait()
-        if self._fault == "midstream":
-            call.abort_after = self._fault_after
-            return
-        messages = _MOCK_OLLAMA_FAULT_MESSAGES if call.route.errors == "ollama" else _MOCK_FAULT_MESSAGES
-        kind = {"500": "server_error", "503": "server_error", "429": "rate_limit_error"}[self._fault]
-        raise _MockHTTPError(int(self._fault), messages[self._fault], kind=kind)
-
-    # ---- model registry -------------------------------------------------------------------------------------
-
-    def _model_by_key(self, name: str) -> MockModel | None:
-        for model in self.models:
-            candidates = {model.id, _mock_variant(model)}
-            if self.flavor == "ollama":
-                candidates |= {f"{model.id}:latest", model.id.removesuffix(":latest")}
-            if name in candidates or name.lower() == _mock_variant(model).lower():
-                return model
-        return None
-
-    def _instance_by_id(self, instance_id: str) -> _MockInstance | None:
-        return next((inst for inst in self._instances if inst.id == instance_id), None)
-
-    def _instances_of(self, model: MockModel) -> list[_MockInstance]:
-        return [inst for inst in self._instances if inst.model is model]
-
-    def _least_busy(self, model: MockModel) -> _MockInstance | None:
-        instances = self._instances_of(model)
-        return min(instances, key=lambda i: i.active + i.waiting) if instances else None
-
-    def _add_instance(
-        self, model: MockModel, context_length: int, *, jit: bool, count: bool = True
-    ) -> _MockInstance:
-        taken = {inst.id for inst in self._instances}
-        instance_id = model.id
-        suffix = 2
-        while instance_id in taken:
-            instance_id = f"{model.id}:{suffix}"
-            suffix += 1
-        inst = _MockInstance(instance_id, model, context_length, jit, asyncio.Semaphore(model.parallel))
-        self._instances.append(inst)
-        if count:
-            self.stats.loads += 1
-            self.stats.load_log.append(model.id)
-        return inst
-
-    def _unload(self, inst: _MockInstance) -> None:
-        if inst in self._instances:
-            self._instances.remove(inst)
-            self.stats.unloads += 1
-
-    def _resolve(self, name: Any, purpose: str) -> _MockTarget:
-        """Map a request's model name to a model and, when resident, the instance that will serve it."""
-        if not isinstance(name, str) or not name:
-            return self._default_target(purpose)
-        # A model key goes to its least busy instance; only a name that is no key pins one instance (":2").
-        model = self._model_by_key(name)
-        inst = None if model is not None else self._instance_by_id(name)
-        model = inst.model if inst is not None else model
-        if model is None:
-            raise self._unknown_model(name)
-        self._check_purpose(model, name, purpose)
-        if inst is None:
-            inst = self._least_busy(model)
-        if inst is None and self.flavor == "lmstudio" and not self._jit:
-            raise self._unknown_model(name)
-        return _MockTarget(model, inst)
-
-    def _default_target(self, purpose: str) -> _MockTarget:
-        if self.flavor == "ollama":
-            raise _MockHTTPError(400, "model is required", param="model")
-        # LM Studio (like llama-server) answers a request without a model with whatever is resident.
-        for inst in self._instances:
-            if inst.model.is_embedding == (purpose == "embedding"):
-                return _MockTarget(inst.model, inst)
-        raise _MockHTTPError(400, _MOCK_NO_MODELS, param="model")
-
-    def _unknown_model(self, name: str) -> _MockHTTPError:
-        if self.flavor != "lmstudio":
-            return _MockHTTPError(
-                404, f"model '{name}' not found", kind="not_found_error", code="model_not_found"
-            )
-        known = [m.id for m in self.models] if self._jit else self.loaded_ids()
-        if not known:
-            return _MockHTTPError(400, _MOCK_NO_MODELS, param="model")
-        message = f'Invalid model identifier "{name}". Please specify a valid downloaded model (e.g., {", ".join(known)}).'
-        return _MockHTTPError(400, message, param="model", code="model_not_found")
-
-    def _check_purpose(self, model: MockModel, name: str, purpose: str) -> None:
-        if model.is_embedding == (purpose == "embedding"):
-            return
-        if self.flavor == "ollama":
-            action = {"chat": "chat", "generate": "generate"}.get(purpose, "embeddings")
-            raise _MockHTTPError(400, f'"{name}" does not support {action}')
-        if purpose == "embedding":
-            message = (
-                f'Model "{name}" is not an embedding model; load an embedding model to create embeddings.'
-            )
-        else:
-            message = f'Model "{name}" is an embedding model and cannot generate text; use /v1/embeddings.'
-        raise _MockHTTPError(400, message, param="model", code="model_not_supported")
-
-    async def _ensure_instance(self, target: _MockTarget) -> tuple[_MockInstance, float | None]:
-        """Return the serving instance, JIT-loading the model first when needed (one load per model even
-        when several requests arrive during it). The second value is the load time this request waited."""
-        if target.instance is not None:
-            target.instance.last_used = time.time()
-            return target.instance, None
-        key = target.model.id
-        pending = self._pending_loads.get(key)
-        if pending is None:
-            pending = asyncio.ensure_future(self._jit_load(target.model))
-            self._pending_loads[key] = pending
-            pending.add_done_callback(lambda _: self._pending_loads.pop(key, None))
-        started = time.monotonic()
-        inst = await asyncio.shield(pending)
-        return inst, time.monotonic() - started
-
-    async def _jit_load(self, model: MockModel) -> _MockInstance:
-        if self.flavor == "lmstudio" and self._auto_evict:
-            for inst in [i for i in self._instances if i.jit and i.model is not model]:
-                self._unload(inst)
-        await asyncio.sleep(self._load_delay)
-        return self._add_instance(model, model.context_length, jit=True)
-
-    # ---- generation engine ---------------------------------------------------------------------------------
-
-    def _sampling(self, max_tokens: Any, temperature: Any, seed: Any) -> _MockSampling:
-        return _MockSampling(_mock_int(max_tokens), _mock_float(temperature), _mock_int(seed))
-
-    def _plan(
-        self, model: MockModel, turns: Any, prompt_tokens: int, sampling: _MockSampling, tools: Any = None
-    ) -> _MockPlan:
-        tool = _mock_tool_call(tools, turns, self._new_id("call_", 12)) if tools else None
-        if tool is not None:
-            args = tool["arguments"]
-            middle = len(args) // 2
-            return _MockPlan(["", args[:middle], args[middle:]], "tool_calls", prompt_tokens, tool)
-        count, finish = self._completion_length(sampling.max_tokens)
-        rng = random.Random(self._sampling_seed(model, turns, sampling))
-        return _MockPlan(_mock_sentence(rng, count, finish == "stop"), finish, prompt_tokens)
-
-    def _completion_length(self, max_tokens: int | None) -> tuple[int, str]:
-        # The "model" would naturally stop after completion_tokens words; max_tokens can only cut it short.
-        if max_tokens is not None and 0 < max_tokens <= self._completion_tokens:
-            return max_tokens, "length"
-        return self._completion_tokens, "stop"
-
-    def _sampling_seed(self, model: MockModel, material: Any, sampling: _MockSampling) -> int:
-        nonce: int | None = None
-        if sampling.temperature != 0 and sampling.seed is None:
-            self._nonce += 1
-            nonce = self._nonce
-        blob = json.dumps([model.id, material, self._seed, sampling.seed, nonce], sort_keys=True)
-        return int.from_bytes(hashlib.sha256(blob.encode()).digest()[:8], "big")
-
-    async def _generate(
-        self, inst: _MockInstance, plan: _MockPlan, emit: _MockEmit | None = None
-    ) -> _MockTiming:
-        """Run one generation in a parallel slot of `inst` (queueing when all are busy)."""
-        self.stats.queued_generations += 1
-        inst.waiting += 1
-        try:
-            await inst.slots.acquire()
-        finally:
-            self.stats.queued_generations -= 1
-            inst.waiting -= 1
-        try:
-            return await self._produce(inst, plan, emit)
-        finally:
-            inst.slots.release()
-
-    async def _produce(self, inst: _MockInstance, plan: _MockPlan, emit: _MockEmit | None) -> _MockTiming:
-        stats = self.stats
-        stats.generations_started += 1
-        stats.active_generations += 1
-        stats.peak_active_generations = max(stats.peak_active_generations, stats.active_generations)
-        stats.prompt_tokens_total += plan.prompt_tokens
-        inst.active += 1
-        started = time.perf_counter()
-        first: float | None = None
-        try:
-            for index, piece in enumerate(plan.pieces):
-                await self._pace()
-                stats.tokens_generated += 1
-                first = first if first is not None else time.perf_counter() - started
-                if emit is not None:
-                    await emit(index, piece)
-        except BaseException:
-            stats.generations_cancelled += 1
-            raise
-        finally:
-            stats.active_generations -= 1
-            inst.active -= 1
-            inst.last_used = time.time()
-        stats.generations_finished += 1
-        stats.completion_tokens_total += plan.completion_tokens
-        return _MockTiming(first or 0.0, time.perf_counter() - started)
-
-    async def _pace(self) -> None:
-        # Even at full speed yield once per token, so a disconnect or a queued request gets its turn.
-        await asyncio.sleep(1.0 / self._tps if self._tps > 0 else 0)
-
-    def _new_id(self, prefix: str, length: int = 24) -> str:
-        self._id_counter += 1
-        digest = hashlib.sha256(f"{self._seed}:{self._id_counter}:{prefix}".encode()).hexdigest()
-        return prefix + digest[:length]
-
-    def _fingerprint(self, call: _MockCall, inst: _MockInstance) -> str:
-        return call.route.fingerprint or inst.id
-
-    # ---- LM Studio catalogue routes ---------------------------------------------------------------------
-
-    async def _greeting(self, call: _MockCall) -> web.StreamResponse:
-        return _mock_json({"lmstudio": True, "version": self.version})
-
-    def _visible_models(self) -> list[MockModel]:
-        # With JIT on every downloaded model is offered; with it off only the resident ones.
-        return [m for m in self.models if self._jit or self._instances_of(m)]
-
-    async def _lms_openai_models(self, call: _MockCall) -> web.StreamResponse:
-        ids: list[str] = []
-        for model in self.models:
-            instances = [inst.id for inst in self._instances_of(model)]
-            if self._jit:
-                ids += [model.id, *(i for i in instances if i != model.id)]
-            else:
-                ids += instances
-        data = [{"id": i, "object": "model", "owned_by": "organization_owner"} for i in ids]
-        return _mock_json({"data": data, "object": "list"})
-
-    def _v0_entry(self, model: MockModel) -> dict[str, Any]:
-        instances = self._instances_of(model)
-        entry: dict[str, Any] = {
-            "id": model.id,
-            "object": "model",
-            "type": "embeddings" if model.is_embedding else model.type,
-            "publisher": model.publisher,
-            "arch": model.arch,
-            "compatibility_type": model.format,
-            "quantization": model.quantization,
-            "state": "loaded" if instances else "not-loaded",
-            "max_context_length": model.max_context_length,
-        }
-        if instances:
-            entry["loaded_context_length"] = instances[0].context_length
-        if model.tools:
-            entry["capabilities"] = ["tool_use"]
-        return entry
-
-    async def _v0_models(self, call: _MockCall) -> web.StreamResponse:
-        return _mock_json({"object": "list", "data": [self._v0_entry(m) for m in self._visible_models()]})
-
-    async def _v0_model(self, call: _MockCall) -> web.StreamResponse:
-        name = call.request.path.removeprefix("/api/v0/models/")
-        inst = self._instance_by_id(name)
-        model = inst.model if inst is not None else self._model_by_key(name)
-        if model is None:
-            raise _MockHTTPError(404, f'Model "{name}" not found.', param="model", code="model_not_found")
-        return _mock_json(self._v0_entry(model))
-
-    def _v1_instance(self, inst: _MockInstance) -> dict[str, Any]:
-        if inst.model.is_embedding:
-            return {"id": inst.id, "config": {"context_length": inst.context_length}}
-        config = {
-            "context_length": inst.context_length,
-            "eval_batch_size": 512,
-            "parallel": inst.model.parallel,
-            "flash_attention": True,
-        }
-        return {"id": inst.id, "config": config}
-
-    def _v1_entry(self, model: MockModel) -> dict[str, Any]:
-        entry: dict[str, Any] = {
-            "type": "embedding" if model.is_embedding else "llm",
-            "publisher": model.publisher,
-            "key": model.id,
-            "display_name": _mock_display_name(model),
-        }
-        if not model.is_embedding:
-            entry["architecture"] = model.arch
-        entry |= {
-            "quantization": {"name": model.quantization, "bits_per_weight": _mock_bits(model.quantization)},
-            "size_bytes": model.size_bytes,
-            "params_string": _mock_params_string(model),
-            "loaded_instances": [self._v1_instance(i) for i in self._instances_of(model)],
-            "max_context_length": model.max_context_length,
-            "format": model.format,
-        }
-        if not model.is_embedding:
-            entry["capabilities"] = self._v1_capabilities(model)
-        variant = _mock_variant(model)
-        return entry | {"description": None, "variants": [variant], "selected_variant": variant}
-
-    @staticmethod
-    def _v1_capabilities(model: MockModel) -> dict[str, Any]:
-        capabilities: dict[str, Any] = {"vision": model.vision, "trained_for_tool_use": model.tools}
-        if model.reasoning:
-            capabilities["reasoning"] = {"allowed_options": ["off", "on"], "default": "on"}
-        return capabilities
-
-    async def _v1_models(self, call: _MockCall) -> web.StreamResponse:
-        return _mock_json({"models": [self._v1_entry(m) for m in self.models]})
-
-    # ---- LM Studio load / unload ------------------------------------------------------------------------
-
-    @staticmethod
-    def _reject_unknown_keys(body: dict[str, Any], allowed: Iterable[str]) -> None:
-        unknown = [key for key in body if key not in set(allowed)]
-        if unknown:
-            listed = ", ".join(f"'{key}'" for key in unknown)
-            raise _MockHTTPError(400, f"Unrecognized key(s) in object: {listed}")
-
-    async def _v1_load(self, call: _MockCall) -> web.StreamResponse:
-        body = call.payload()
-        self._reject_unknown_keys(body, _MOCK_LOAD_KEYS)
-        key = body.get("model")
-        if not isinstance(key, str) or not key:
-            raise _MockHTTPError(400, "'model' is required and must be a string.")
-        model = self._model_by_key(key)
-        if model is None:
-            raise _MockHTTPError(404, f'Model "{key}" not found.', v1_type="model_not_found")
-        context = self._load_context(model, body.get("context_length"))
-        started = time.monotonic()
-        # Explicit loads never auto-evict: that rule only covers JIT loads.
-        await asyncio.sleep(self._load_delay)
-        inst = self._add_instance(model, context, jit=False)
-        result: dict[str, Any] = {
-            "type": "embedding" if model.is_embedding else "llm",
-            "instance_id": inst.id,
-            "load_time_seconds": round(time.monotonic() - started, 3),
-            "status": "loaded",
-        }
-        if body.get("echo_load_config") is True:
-            result["load_config"] = self._load_config(inst)
-        return _mock_json(result)
-
-    @staticmethod
-    def _load_context(model: MockModel, requested: Any) -> int:
-        if requested is None:
-            return model.context_length
-        value = _mock_int(requested)
-        if value is None or not 0 < value <= model.max_context_length:
-            limit = model.max_context_length
-            raise _MockHTTPError(400, f"'context_length' must be an integer between 1 and {limit}.")
-        return value
-
-    @staticmethod
-    def _load_config(inst: _MockInstance) -> dict[str, Any]:
-        if inst.model.is_embedding:
-            return {"context_length": inst.context_length}
-        return {
-            "context_length": inst.context_length,
-            "eval_batch_size": 512,
-            "flash_attention": True,
-            "offload_kv_cache_to_gpu": True,
-        }
-
-    async def _v1_unload(self, call: _MockCall) -> web.StreamResponse:
-        body = call.payload()
-        self._reject_unknown_keys(body, ["instance_id"])
-        instance_id = body.get("instance_id")
-        inst = self._instance_by_id(instance_id) if isinstance(instance_id, str) else None
-        if inst is None:
-            raise _MockHTTPError(404, f'No loaded model instance "{instance_id}".', v1_type="model_not_found")
-        self._unload(inst)
-        return _mock_json({"instance_id": inst.id})
-
-    # ---- OpenAI-compatible inference (all flavors) --------------------------------------------------------
-
-    def _check_response_format(self, body: dict[str, Any]) -> None:
-        fmt = body.get("response_format")
-        if (
-            self.flavor == "lmstudio"
-            and isinstance(fmt, dict)
-            and fmt.get("type") not in ("json_schema", "text")
-        ):
-            raise _MockHTTPError(400, "'response_format.type' must be 'json_schema' or 'text'")
-
-    async def _chat_completions(self, call: _MockCall) -> web.StreamResponse:
-        body = call.payload()
-        if "messages" not in body:
-            raise _MockHTTPError(400, "'messages' field is required.", param="messages")
-        turns = _mock_chat_turns(body["messages"])
-        self._check_response_format(body)
-        target = self._resolve(body.get("model"), "chat")
-        max_tokens = body.get("max_tokens", body.get("max_completion_tokens"))
-        sampling = self._sampling(max_tokens, body.get("temperature"), body.get("seed"))
-        plan = self._plan(target.model, turns, _mock_turn_tokens(turns), sampling, body.get("tools"))
-        inst, _ = await self._ensure_instance(target)
-        if body.get("stream") is True:
-            return await self._stream_chat(call, inst, plan, body)
-        timing = await self._generate(inst, plan)
-        return _mock_json(self._chat_body(call, inst, plan, timing))
-
-    def _chat_body(
-        self, call: _MockCall, inst: _MockInstance, plan: _MockPlan, timing: _MockTiming
-    ) -> dict[str, Any]:
-        message: dict[str, Any] = {"role": "assistant", "content": plan.text}
-        if plan.tool is not None:
-            message = {"role": "assistant", "content": None, "tool_calls": [self._tool_call_obj(plan)]}
-        body: dict[str, Any] = {
-            "id": self._new_id("chatcmpl-"),
-            "object": "chat.completion",
-            "created": int(time.time()),
-            "model": inst.id,
-            "system_fingerprint": self._fingerprint(call, inst),
-            "choices": [{"index": 0, "logprobs": None, "finish_reason": plan.finish, "message": message}],
-            "usage": plan.usage(),
-        }
-        return body | self._route_extras(call, inst, plan, timing)
-
-    @staticmethod
-    def _tool_call_obj(plan: _MockPlan) -> dict[str, Any]:
-        tool = plan.tool or {}
-        function = {"name": tool.get("name", ""), "arguments": tool.get("arguments", "{}")}
-        return {"id": tool.get("id", ""), "type": "function", "function": function}
-
-    def _route_extras(
-        self, call: _MockCall, inst: _MockInstance, plan: _MockPlan, timing: _MockTiming
-    ) -> dict[str, Any]:
-        if call.route.extras == "v1":
-            return {"stats": {}}
-        if call.route.extras != "v0":
-            return {}
-        stats = {
-            "tokens_per_second": timing.tokens_per_second(plan.completion_tokens),
-            "time_to_first_token": round(timing.first_token, 3),
-            "generation_time": round(timing.generation, 3),
-            "stop_reason": _MOCK_STOP_REASONS[plan.finish],
-        }
-        return {"stats": stats} | self._v0_info(inst)
-
-    @staticmethod
-    def _v0_info(inst: _MockInstance) -> dict[str, Any]:
-        model = inst.model
-        info = {
-            "arch": model.arch,
-            "quant": model.quantization,
-            "format": model.format,
-            "context_length": inst.context_length,
-        }
-        return {"model_info": info, "runtime": _mock_runtime(model)}
-
-    @staticmethod
-    def _chat_delta(plan: _MockPlan, index: int, piece: str) -> dict[str, Any]:
-        if plan.tool is None:
-            return {"role": "assistant", "content": piece} if index == 0 else {"content": piece}
-        if index == 0:
-            function = {"name": plan.tool["name"], "arguments": ""}
-            head = {"index": 0, "id": plan.tool["id"], "type": "function", "function": function}
-            return {"role": "assistant", "tool_calls": [head]}
-        return {"tool_calls": [{"index": 0, "function": {"arguments": piece}}]}
-
-    async def _stream_chat(
-        self, call: _MockCall, inst: _MockInstance, plan: _MockPlan, body: dict[str, Any]
-    ) -> web.StreamResponse:
-        stream = _MockStream(call, "text/event-stream")
-        base = {
-            "id": self._new_id("chatcmpl-"),
-            "object": "chat.completion.chunk",
-            "created": int(time.time()),
-            "model": inst.id,
-            "system_fingerprint": self._fingerprint(call, inst),
-        }
-
-        async def emit(index: int, piece: str) -> None:
-            choice = {
-                "index": 0,
-                "delta": self._chat_delta(plan, index, piece),
-                "logprobs": None,
-                "finish_reason": None,
-            }
-            await stream.send(_mock_sse_data(base | {"choices": [choice]}))
-
-        await self._generate(inst, plan, emit)
-        final = {"index": 0, "delta": {}, "logprobs": None, "finish_reason": plan.finish}
-        await stream.send(_mock_sse_data(base | {"choices": [final]}))
-        return await self._finish_openai_stream(stream, base, plan, body)
-
-    async def _finish_openai_stream(
-        self, stream: _MockStream, base: dict[str, Any], plan: _MockPlan, body: dict[str, Any]
-    ) -> web.StreamResponse:
-        options = body.get("stream_options")
-        if isinstance(options, dict) and options.get("include_usage") is True:
-            await stream.send(_mock_sse_data(base | {"choices": [], "usage": plan.usage()}))
-        await stream.send("data: [DONE]\n\n")
-        return await stream.finish()
-
-    async def _completions(self, call: _MockCall) -> web.StreamResponse:
-        body = call.payload()
-        prompt = body.get("prompt")
-        if isinstance(prompt, list) and all(isinstance(p, str) for p in prompt):
-            prompt = "".join(prompt)
-        if not isinstance(prompt, str):
-            raise _MockHTTPError(400, "'prompt' must be a string.", param="prompt")
-        target = self._resolve(body.get("model"), "generate")
-        sampling = self._sampling(body.get("max_tokens"), body.get("temperature"), body.get("seed"))
-        plan = self._plan(target.model, prompt, _mock_word_count(prompt), sampling)
-        inst, _ = await self._ensure_instance(target)
-        if body.get("stream") is True:
-            return await self._stream_completion(call, inst, plan, body)
-        timing = await self._generate(inst, plan)
-        choice = {"index": 0, "text": plan.text, "logprobs": None, "finish_reason": plan.finish}
-        result = self._completion_base(call, inst) | {"choices": [choice], "usage": plan.usage()}
-        return _mock_json(result | self._route_extras(call, inst, plan, timing))
-
-    def _completion_base(self, call: _MockCall, inst: _MockInstance) -> dict[str, Any]:
-        return {
-            "id": self._new_id("cmpl-"),
-            "object": "text_completion",
-            "created": int(time.time()),
-            "model": inst.id,
-            "system_fingerprint": self._fingerprint(call, inst),
-        }
-
-    async def _stream_completion(
-        self, call: _MockCall, inst: _MockInstance, plan: _MockPlan, body: dict[str, Any]
-    ) -> web.StreamResponse:
-        stream = _MockStream(call, "text/event-stream")
-        base = self._completion_base(call, inst)
-
-        async def emit(index: int, piece: str) -> None:
-            choice = {"index": 0, "text": piece, "logprobs": None, "finish_reason": None}
-            await stream.send(_mock_sse_data(base | {"choices": [choice]}))
-
-        await self._generate(inst, plan, emit)
-        final = {"index": 0, "text": "", "logprobs": None, "finish_reason": plan.finish}
-        await stream.send(_mock_sse_data(base | {"choices": [final]}))
-        return await self._finish_openai_stream(stream, base, plan, body)
-
-    async def _embeddings(self, call: _MockCall) -> web.StreamResponse:
-        body = call.payload()
-        texts = _mock_embedding_inputs(body.get("input"))
-        target = self._resolve(body.get("model"), "embedding")
-        inst, _ = await self._ensure_instance(target)
-        await self._pace()
-        tokens = sum(_mock_word_count(t) for t in texts)
-        data = [
-            {"object": "embedding", "embedding": _mock_embedding(t), "index": i} for i, t in enumerate(texts)
-        ]
-        result = {
-            "object": "list",
-            "data": data,
-            "model": inst.id,
-            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
-        }
-        if call.route.extras == "v0":
-            result |= self._v0_info(inst)
-        return _mock_json(result)
-
-    # ---- stored conversations (/v1/responses and /api/v1/chat) -------------------------------------------
-
-    def _history(self, previous: Any) -> list[tuple[str, str]]:
-        if previous is None:
-            return []
-        if not isinstance(previous, str) or previous not in self._stored_responses:
-            raise _MockHTTPError(
-                404,
-                f"Previous response with id '{previous}' not found.",
-                param="previous_response_id",
-                code="previous_response_not_found",
-            )
-        return list(self._stored_responses[previous])
-
-    def _remember(self, response_id: str, turns: list[tuple[str, str]], plan: _MockPlan) -> None:
-        self._stored_responses[response_id] = [*turns, ("assistant", plan.text)]
-        while len(self._stored_responses) > _MOCK_STORED_RESPONSES:
-            self._stored_responses.pop(next(iter(self._stored_responses)))
-
-    # ---- /v1/responses ---------------------------------------------------------------------------------
-
-    async def _responses(self, call: _MockCall) -> web.StreamResponse:
-        body = call.payload()
-        turns = self._history(body.get("previous_response_id")) + _mock_response_turns(body)
-        target = self._resolve(body.get("model"), "chat")
-        sampling = self._sampling(body.get("max_output_tokens"), body.get("temperature"), body.get("seed"))
-        plan = self._plan(target.model, turns, _mock_turn_tokens(turns), sampling)
-        inst, _ = await self._ensure_instance(target)
-        response_id = self._new_id("resp_", 32)
-        if body.get("stream") is True:
-            return await self._stream_response(call, inst, plan, body, response_id, turns)
-        await self._generate(inst, plan)
-        if body.get("store", True) is not False:
-            self._remember(response_id, turns, plan)
-        message_id = self._new_id("msg_", 32)
-        return _mock_json(
-            self._response_object(response_id, inst, plan, body, [self._response_item(message_id, plan)])
-        )
-
-    @staticmethod
-    def _response_item(message_id: str, plan: _MockPlan | None) -> dict[str, Any]:
-        if plan is None:
-            return {
-                "id": message_id,
-                "type": "message",
-                "status": "in_progress",
-                "role": "assistant",
-                "content": [],
-            }
-        part = {"type": "output_text", "text": plan.text, "annotations": [], "logprobs": []}
-        return {
-            "id": message_id,
-            "type": "message",
-            "status": "completed",
-            "role": "assistant",
-            "content": [part],
-        }
-
-    @staticmethod
-    def _response_object(
-        response_id: str,
-        inst: _MockInstance,
-        plan: _MockPlan | None,
-        body: dict[str, Any],
-        output: list[dict[str, Any]],
-    ) -> dict[str, Any]:
-        usage = None
-        if plan is not None:
-            usage = {
-                "input_tokens": plan.prompt_tokens,
-                "input_tokens_details": {"cached_tokens": 0},
-                "output_tokens": plan.completion_tokens,
-                "output_tokens_details": {"reasoning_tokens": 0},
-                "total_tokens": plan.prompt_tokens + plan.completion_tokens,
-            }
-        return {
-            "id": response_id,
-            "object": "response",
-            "created_at": int(time.time()),
-            "status": "completed" if plan is not None else "in_progress",
-            "error": None,
-            "incomplete_details": None,
-            "instructions": body.get("instructions"),
-            "max_output_tokens": body.get("max_output_tokens"),
-            "model": inst.id,
-            "output": output,
-            "parallel_tool_calls": True,
-            "previous_response_id": body.get("previous_response_id"),
-            "store": body.get("store", True) is not False,
-            "temperature": body.get("temperature"),
-            "text": {"format": {"type": "text"}},
-            "tool_choice": "auto",
-            "tools": [],
-            "top_p": body.get("top_p"),
-            "truncation": "disabled",
-            "usage": usage,
-            "metadata": {},
-        }
-
-    async def _stream_response(
-        self,
-        call: _MockCall,
-        inst: _MockInstance,
-        plan: _MockPlan,
-        body: dict[str, Any],
-        response_id: str,
-        turns: list[tuple[str, str]],
-    ) -> web.StreamResponse:
-        stream = _MockStream(call, "text/event-stream")
-        sequence = iter(range(1_000_000))
-        message_id = self._new_id("msg_", 32)
-        where = {"item_id": message_id, "output_index": 0, "content_index": 0}
-
-        async def send(kind: str, payload: dict[str, Any]) -> None:
-            await stream.send(
-                _mock_sse_event(kind, {"type": kind, "sequence_number": next(sequence)} | payload)
-            )
-
-        async def emit(index: int, piece: str) -> None:
-            await send("response.output_text.delta", where | {"delta": piece, "logprobs": []})
-
-        await self._open_response_stream(send, response_id, inst, body, message_id)
-        await self._generate(inst, plan, emit)
-        await self._close_response_stream(send, response_id, inst, plan, body, message_id)
-        if body.get("store", True) is not False:
-            self._remember(response_id, turns, plan)
-        return await stream.finish()
-
-    async def _open_response_stream(
-        self,
-        send: Callable[[str, dict[str, Any]], Awaitable[None]],
-        response_id: str,
-        inst: _MockInstance,
-        body: dict[str, Any],
-        message_id: str,
-    ) -> None:
-        pending = self._response_object(response_id, inst, None, body, [])
-        await send("response.created", {"response": pending})
-        await send("response.in_progress", {"response": pending})
-        await send(
-            "response.output_item.added", {"output_index": 0, "item": self._response_item(message_id, None)}
-        )
-        part = {"type": "output_text", "text": "", "annotations": []}
-        await send(
-            "response.content_part.added",
-            {"item_id": message_id, "output_index": 0, "content_index": 0, "part": part},
-        )
-
-    async def _close_response_stream(
-        self,
-        send: Callable[[str, dict[str, Any]], Awaitable[None]],
-        response_id: str,
-        inst: _MockInstance,
-        plan: _MockPlan,
-        body: dict[str, Any],
-        message_id: str,
-    ) -> None:
-        where = {"item_id": message_id, "output_index": 0, "content_index": 0}
-        item = self._response_item(message_id, plan)
-        await send("response.output_text.done", where | {"text": plan.text, "logprobs": []})
-        await send("response.content_part.done", where | {"part": item["content"][0]})
-        await send("response.output_item.done", {"output_index": 0, "item": item})
-        await send(
-            "response.completed", {"response": self._response_object(response_id, inst, plan, body, [item])}
-        )
-
-    # ---- /v1/messages (Anthropic-compatible) ---------------------------------------------------------------
-
-    async def _messages(self, call: _MockCall) -> web.StreamResponse:
-        body = call.payload()
-        if "messages" not in body:
-            raise _MockHTTPError(400, "'messages' field is required.", param="messages")
-        turns = _mock_system_turns(body.get("system")) + _mock_chat_turns(body["messages"])
-        target = self._resolve(body.get("model"), "chat")
-        sampling = self._sampling(body.get("max_tokens"), body.get("temperature"), None)
-        plan = self._plan(target.model, turns, _mock_turn_tokens(turns), sampling)
-        inst, _ = await self._ensure_instance(target)
-        message_id = self._new_id("msg_", 24)
-        if body.get("stream") is True:
-            return await self._stream_message(call, inst, plan, message_id)
-        await self._generate(inst, plan)
-        return _mock_json(self._message_object(message_id, inst, plan, done=True))
-
-    @staticmethod
-    def _message_object(
-        message_id: str, inst: _MockInstance, plan: _MockPlan, *, done: bool
-    ) -> dict[str, Any]:
-        stop_reason = ("max_tokens" if plan.finish == "length" else "end_turn") if done else None
-        return {
-            "id": message_id,
-            "type": "message",
-            "role": "assistant",
-            "model": inst.id,
-            "content": [{"type": "text", "text": plan.text}] if done else [],
-            "stop_reason": stop_reason,
-            "stop_sequence": None,
-            "usage": {
-                "input_tokens": plan.prompt_tokens,
-                "output_tokens": plan.completion_tokens if done else 0,
-            },
-        }
-
-    async def _stream_message(
-        self, call: _MockCall, inst: _MockInstance, plan: _MockPlan, message_id: str
-    ) -> web.StreamResponse:
-        stream = _MockStream(call, "text/event-stream")
-
-        async def send(kind: str, payload: dict[str, Any]) -> None:
-            await stream.send(_mock_sse_event(kind, {"type": kind} | payload))
-
-        async def emit(index: int, piece: str) -> None:
-            await send("content_block_delta", {"index": 0, "delta": {"type": "text_delta", "text": piece}})
-
-        await send("message_start", {"message": self._message_object(message_id, inst, plan, done=False)})
-        await send("content_block_start", {"index": 0, "content_block": {"type": "text", "text": ""}})
-        await send("ping", {})
-        await self._generate(inst, plan, emit)
-        await send("content_block_stop", {"index": 0})
-        stop_reason = "max_tokens" if plan.finish == "length" else "end_turn"
-        delta = {"delta": {"stop_reason": stop_reason, "stop_sequence": None}}
-        await send("message_delta", delta | {"usage": {"output_tokens": plan.completion_tokens}})
-        await send("message_stop", {})
-        return await stream.finish()
-
-    # ---- /api/v1/chat (LM Studio native, stateful) ------------------------------------------------------
-
-    async def _v1_chat(self, call: _MockCall) -> web.StreamResponse:
-        body = call.payload()
-        if "input" not in body:
-            raise _MockHTTPError(400, "'input' is required.", param="input")
-        turns = self._history(body.get("previous_response_id")) + _mock_native_turns(body)
-        target = self._resolve(body.get("model"), "chat")
-        sampling = self._sampling(body.get("max_output_tokens"), body.get("temperature"), body.get("seed"))
-        plan = self._plan(target.model, turns, _mock_turn_tokens(turns), sampling)
-        if body.get("stream") is True:
-            return await self._stream_v1_chat(call, target, plan, body, turns)
-        inst, load = await self._ensure_instance(target)
-        timing = await self._generate(inst, plan)
-        timing.load = load
-        return _mock_json(self._v1_chat_result(inst, plan, timing, body, turns))
-
-    def _v1_chat_result(
-        self,
-        inst: _MockInstance,
-        plan: _MockPlan,
-        timing: _MockTiming,
-        body: dict[str, Any],
-        turns: list[tuple[str, str]],
-    ) -> dict[str, Any]:
-        stats: dict[str, Any] = {
-            "input_tokens": plan.prompt_tokens,
-            "total_output_tokens": plan.completion_tokens,
-            "reasoning_output_tokens": 0,
-            "tokens_per_second": timing.tokens_per_second(plan.completion_tokens),
-            "time_to_first_token_seconds": round(timing.first_token, 3),
-        }
-        if timing.load is not None:
-            stats["model_load_time_seconds"] = round(timing.load, 3)
-        result: dict[str, Any] = {
-            "model_instance_id": inst.id,
-            "output": [{"type": "message", "content": plan.text}],
-            "stats": stats,
-        }
-        if body.get("store", True) is not False:
-            result["response_id"] = self._new_id("resp_", 32)
-            self._remember(result["response_id"], turns, plan)
-        return result
-
-    async def _stream_v1_chat(
-        self,
-        call: _MockCall,
-        target: _MockTarget,
-        plan: _MockPlan,
-        body: dict[str, Any],
-        turns: list[tuple[str, str]],
-    ) -> web.StreamResponse:
-        stream = _MockStream(call, "text/event-stream")
-
-        async def send(kind: str, payload: dict[str, Any] | None = None) -> None:
-            await stream.send(_mock_sse_event(kind, {"type": kind} | (payload or {})))
-
-        async def emit(index: int, piece: str) -> None:
-            await send("message.delta", {"content": piece})
-
-        await send(
-            "chat.start", {"model_instance_id": target.instance.id if target.instance else target.model.id}
-        )
-        inst, load = await self._load_with_events(target, send)
-        for kind, extra in (("start", None), ("progress", {"progress": 1.0}), ("end", None)):
-            await send(f"prompt_processing.{kind}", extra)
-        await send("message.start")
-        timing = await self._generate(inst, plan, emit)
-        timing.load = load
-        await send("message.end")
-        await send("chat.end", {"result": self._v1_chat_result(inst, plan, timing, body, turns)})
-        return await stream.finish()
-
-    async def _load_with_events(
-        self, target: _MockTarget, send: Callable[[str, dict[str, Any] | None], Awaitable[None]]
-    ) -> tuple[_MockInstance, float | None]:
-        if target.instance is not None:
-            return await self._ensure_instance(target)
-        where = {"model_instance_id": target.model.id}
-        await send("model_load.start", where)
-        await send("model_load.progress", where | {"progress": 0.0})
-        inst, load = await self._ensure_instance(target)
-        await send("model_load.progress", where | {"progress": 1.0})
-        await send("model_load.end", where | {"load_time_seconds": round(load or 0.0, 3)})
-        return inst, load
-
-    # ---- Ollama flavor ----------------------------------------------------------------------------------
-
-    async def _ollama_root(self, call: _MockCall) -> web.StreamResponse:
-        return web.Response(text="Ollama is running", content_type="text/plain")
-
-    async def _ollama_version(self, call: _MockCall) -> web.StreamResponse:
-        return _mock_json({"version": _MOCK_OLLAMA_VERSION})
-
-    def _ollama_entry(self, model: MockModel) -> dict[str, Any]:
-        return {
-            "name": model.id,
-            "model": model.id,
-            "modified_at": datetime.fromtimestamp(self._created, UTC).isoformat().replace("+00:00", "Z"),
-            "size": model.size_bytes,
-            "digest": hashlib.sha256(model.id.encode()).hexdigest(),
-            "details": _mock_ollama_details(model),
-            "capabilities": _mock_ollama_capabilities(model),
-        }
-
-    async def _ollama_tags(self, call: _MockCall) -> web.StreamResponse:
-        return _mock_json({"models": [self._ollama_entry(m) for m in self.models]})
-
-    async def _ollama_ps(self, call: _MockCall) -> web.StreamResponse:
-        entries = []
-        for inst in self._instances:
-            entry = self._ollama_entry(inst.model)
-            entry.pop("modified_at")
-            entry.pop("capabilities")
-            expires = inst.last_used + 300 - time.time()
-            entry |= {
-                "expires_at": _mock_now_iso(expires),
-                "size_vram": inst.model.size_bytes,
-                "context_length": inst.context_length,
-            }
-            entries.append(entry)
-        return _mock_json({"models": entries})
-
-    async def _ollama_show(self, call: _MockCall) -> web.StreamResponse:
-        body = call.payload()
-        name = body.get("model", body.get("name"))
-        model = self._model_by_key(name) if isinstance(name, str) else None
-        if model is None:
-            raise self._unknown_model(str(name))
-        info = {
-            "general.architecture": model.arch,
-            "general.parameter_count": model.size_bytes * 2,
-            f"{model.arch}.context_length": model.max_context_length,
-        }
-        if model.is_embedding:
-            info[f"{model.arch}.embedding_length"] = _MOCK_EMBED_DIM
-        return _mock_json(
-            {
-                "license": "",
-                "modelfile": f"FROM {model.id}\n",
-                "parameters": "",
-                "template": "{{ .Prompt }}",
-                "details": _mock_ollama_details(model),
-                "model_info": info,
-                "capabilities": _mock_ollama_capabilities(model),
-                "modified_at": datetime.fromtimestamp(self._created, UTC).isoformat().replace("+00:00", "Z"),
-            }
-        )
-
-    @staticmethod
-    def _ollama_sampling_args(body: dict[str, Any]) -> tuple[Any, Any, Any]:
-        options = body.get("options") if isinstance(body.get("options"), dict) else {}
-        return options.get("num_predict"), options.get("temperature"), options.get("seed")
-
-    async def _ollama_chat(self, call: _MockCall) -> web.StreamResponse:
-        body = call.payload()
-        target = self._resolve(body.get("model"), "chat")
-        messages = body.get("messages") or []
-        if not messages:
-            return await self._ollama_load_only(target, body, "message")
-        turns = _mock_chat_turns(messages)
-        sampling = self._sampling(*self._ollama_sampling_args(body))
-        plan = self._plan(target.model, turns, _mock_turn_tokens(turns), sampling, body.get("tools"))
-        return await self._ollama_reply(call, target, plan, body, "message")
-
-    async def _ollama_generate(self, call: _MockCall) -> web.StreamResponse:
-        body = call.payload()
-        target = self._resolve(body.get("model"), "generate")
-        prompt = body.get("prompt")
-        if not isinstance(prompt, str) or not prompt:
-            return await self._ollama_load_only(target, body, "response")
-        turns = [*_mock_system_turns(body.get("system")), ("user", prompt)]
-        sampling = self._sampling(*self._ollama_sampling_args(body))
-        plan = self._plan(target.model, turns, _mock_turn_tokens(turns), sampling)
-        return await self._ollama_reply(call, target, plan, body, "response")
-
-    async def _ollama_load_only(
-        self, target: _MockTarget, body: dict[str, Any], field_name: str
-    ) -> web.StreamResponse:
-        """An empty prompt only loads the model; with keep_alive 0 it unloads it instead."""
-        reason = "load"
-        if _mock_keep_alive_zero(body.get("keep_alive")):
-            reason = "unload"
-            for inst in self._instances_of(target.model):
-                self._unload(inst)
-        else:
-            await self._ensure_instance(target)
-        value: Any = {"role": "assistant", "content": ""} if field_name == "message" else ""
-        result = {"model": body.get("model"), "created_at": _mock_now_iso(), field_name: value}
-        return _mock_json(result | {"done_reason": reason, "done": True})
-
-    def _ollama_piece(self, plan: _MockPlan, index: int, piece: str, field_name: str) -> Any:
-        if field_name == "response":
-            return piece
-        if plan.tool is None:
-            return {"role": "assistant", "content": piece}
-        # Ollama sends a tool call whole, with arguments as an object, in one non-final chunk.
-        call = {"function": {"name": plan.tool["name"], "arguments": json.loads(plan.tool["arguments"])}}
-        return {"role": "assistant", "content": "", "tool_calls": [call]}
-
-    async def _ollama_reply(
-        self, call: _MockCall, target: _MockTarget, plan: _MockPlan, body: dict[str, Any], field_name: str
-    ) -> web.StreamResponse:
-        started = time.perf_counter_ns()
-        inst, load = await self._ensure_instance(target)
-        if body.get("stream", True) is False:
-            timing = await self._generate(inst, plan)
-            whole = self._ollama_piece(plan, 0, plan.text, field_name)
-            result = self._ollama_final(body, plan, timing, load, started, field_name, whole)
-            self._ollama_after(inst, body)
-            return _mock_json(result)
-        stream = _MockStream(call, "application/x-ndjson")
-
-        async def emit(index: int, piece: str) -> None:
-            if plan.tool is None or index == 0:
-                line = {
-                    "model": body.get("model"),
-                    "created_at": _mock_now_iso(),
-                    field_name: self._ollama_piece(plan, index, piece, field_name),
-                    "done": False,
-                }
-                await stream.send(_mock_ndjson(line))
-
-        timing = await self._generate(inst, plan, emit)
-        empty: Any = {"role": "assistant", "content": ""} if field_name == "message" else ""
-        await stream.send(
-            _mock_ndjson(self._ollama_final(body, plan, timing, load, started, field_name, empty))
-        )
-        self._ollama_after(inst, body)
-        return await stream.finish()
-
-    def _ollama_after(self, inst: _MockInstance, body: dict[str, Any]) -> None:
-        if _mock_keep_alive_zero(body.get("keep_alive")):
-            self._unload(inst)
-
-    @staticmethod
-    def _ollama_final(
-        body: dict[str, Any],
-        plan: _MockPlan,
-        timing: _MockTiming,
-        load: float | None,
-        started_ns: int,
-        field_name: str,
-        value: Any,
-    ) -> dict[str, Any]:
-        eval_ns = max(int(timing.generation * 1e9), 1)
-        result: dict[str, Any] = {
-            "model": body.get("model"),
-            "created_at": _mock_now_iso(),
-            field_name: value,
-        }
-        result |= {"done": True, "done_reason": "length" if plan.finish == "length" else "stop"}
-        result["total_duration"] = max(time.perf_counter_ns() - started_ns, 1)
-        if load:
-            # Ollama omits zero metrics (omitempty), so an already-resident model reports no load time.
-            result["load_duration"] = int(load * 1e9)
-        result |= {
-            "prompt_eval_count": plan.prompt_tokens,
-            "prompt_eval_duration": max(int(timing.first_token * 1e9), 1),
-            "eval_count": plan.completion_tokens,
-            "eval_duration": eval_ns,
-        }
-        return result
-
-    async def _ollama_embed(self, call: _MockCall) -> web.StreamResponse:
-        body = call.payload()
-        started = time.perf_counter_ns()
-        texts = _mock_embedding_inputs(body.get("input"))
-        target = self._resolve(body.get("model"), "embedding")
-        _, load = await self._ensure_instance(target)
-        result: dict[str, Any] = {
-            "model": body.get("model"),
-            "embeddings": [_mock_embedding(t) for t in texts],
-        }
-        result["total_duration"] = max(time.perf_counter_ns() - started, 1)
-        if load:
-            result["load_duration"] = int(load * 1e9)
-        result["prompt_eval_count"] = sum(_mock_word_count(t) for t in texts)
-        return _mock_json(result)
-
-    async def _ollama_embeddings_legacy(self, call: _MockCall) -> web.StreamResponse:
-        body = call.payload()
-        prompt = body.get("prompt")
-        target = self._resolve(body.get("model"), "embedding")
-        await self._ensure_instance(target)
-        return _mock_json({"embedding": _mock_embedding(prompt) if isinstance(prompt, str) else []})
-
-    def _ollama_openai_entry(self, model: MockModel) -> dict[str, Any]:
-        owner = model.id.split("/", 1)[0] if "/" in model.id else "library"
-        return {"id": model.id, "object": "model", "created": self._created, "owned_by": owner}
-
-    async def _ollama_openai_models(self, call: _MockCall) -> web.StreamResponse:
-        return _mock_json({"object": "list", "data": [self._ollama_openai_entry(m) for m in self.models]})
-
-    async def _ollama_openai_model(self, call: _MockCall) -> web.StreamResponse:
-        name = call.request.path.removeprefix("/v1/models/")
-        model = self._model_by_key(name)
-        if model is None:
-            raise self._unknown_model(name)
-        return _mock_json(self._ollama_openai_entry(model))
-
-    # ---- generic OpenAI server flavor (llama-server) --------------------------------------------------------
-
-    async def _llama_health(self, call: _MockCall) -> web.StreamResponse:
-        return _mock_json({"status": "ok"})
-
-    async def _llama_models(self, call: _MockCall) -> web.StreamResponse:
-        data = [
-            {"id": m.id, "object": "model", "created": self._created, "owned_by": "llamacpp"}
-            for m in self.models
-        ]
-        return _mock_json({"object": "list", "data": data})
-
-
-# ── CLI: `vampire <command>`; exit 0 ok, 1 failure, 2 bad usage ───────────────────────────────────────
+# ── CLI: `vampire <command>`; exit 0 ok, 1 failure, 2 bad usage ───────────────────────────────────────────
 
 
 class JsonLogFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        line: dict[str, Any] = {"time": round(record.created, 3), "level": record.levelname.lower(), "msg": record.getMessage()}
+        line: dict[str, Any] = {
+            "time": round(record.created, 3),
+            "level": record.levelname.lower(),
+            "msg": record.getMessage(),
+        }
         line.update(getattr(record, "fields", {}))
         if record.exc_info:
             line["exc"] = self.formatException(record.exc_info)
@@ -6894,7 +5430,9 @@ class TextLogFormatter(logging.Formatter):
 
 def setup_logging(level: str, fmt: str) -> None:
     handler = logging.StreamHandler()
-    handler.setFormatter(JsonLogFormatter() if fmt == "json" else TextLogFormatter("%(asctime)s %(levelname)s %(message)s"))
+    handler.setFormatter(
+        JsonLogFormatter() if fmt == "json" else TextLogFormatter("%(asctime)s %(levelname)s %(message)s")
+    )
     root = logging.getLogger("vampire")
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
@@ -6909,18 +5447,37 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     settings = load_settings(
-        args, host=args.host, port=args.port, nodes=args.node, demo=args.demo, log_format=args.log_format,
+        args,
+        host=args.host,
+        port=args.port,
+        nodes=args.node,
+        demo=args.demo,
+        log_format=args.log_format,
         allow_public_nodes=args.allow_public_nodes,
     )
-    if not is_loopback_host(settings.host) and not settings.admin_token and not args.insecure and not has_keys(settings):
-        print(f"Refusing to listen on {settings.host} with neither an admin token (VAMPIRE_ADMIN_TOKEN) nor client "
-              "keys (`vampire keys create`); pass --insecure to do it anyway.", file=sys.stderr)
+    if (
+        not is_loopback_host(settings.host)
+        and not settings.admin_token
+        and not args.insecure
+        and not has_keys(settings)
+    ):
+        print(
+            f"Refusing to listen on {settings.host} with neither an admin token (VAMPIRE_ADMIN_TOKEN) "
+            "nor client keys (`vampire keys create`); pass --insecure to do it anyway.",
+            file=sys.stderr,
+        )
         return 1
     setup_logging(settings.log_level, settings.log_format)
     app = App(settings)
     config = uvicorn.Config(
-        app, host=settings.host, port=settings.port, log_level=settings.log_level, access_log=False,
-        server_header=False, lifespan="on", timeout_graceful_shutdown=3,
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        access_log=False,
+        server_header=False,
+        lifespan="on",
+        timeout_graceful_shutdown=3,
     )
     server = gateway_server(config)
     announce = print_banner(settings, server, args.open)
@@ -6931,6 +5488,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         pass  # a second Ctrl-C (one-file builds forward SIGINT twice) ends the wait, not with a traceback
     return 0 if server.started or not server.should_exit else 1
+
+
+def release_free_memory() -> None:
+    """Hand memory freed during start-up back to the OS. `python vampire.py` compiles this whole file on
+    every start and glibc keeps the compiler's freed heap (~16 MiB) mapped unless asked to trim it."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def gateway_server(config: Any) -> Any:
@@ -6980,8 +5547,11 @@ def print_banner(settings: Settings, server: Any, open_browser: bool) -> Callabl
         with contextlib.suppress(Exception):
             port = server.servers[0].sockets[0].getsockname()[1]
         base = local_url(settings, port)
-        print(f"Vampire {__version__} is listening: OpenAI endpoint {base}/v1, dashboard {base}/ (Ctrl-C stops it)",
-              flush=True)
+        print(
+            f"Vampire {__version__} is listening: OpenAI endpoint {base}/v1, dashboard {base}/ "
+            "(Ctrl-C stops it)",
+            flush=True,
+        )
         if open_browser:
             import webbrowser
 
@@ -6996,10 +5566,14 @@ SERVE_FLAGS = ("host", "port", "node", "demo", "log_format", "allow_public_nodes
 def add_serve_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, help="port (default 7777)")
-    p.add_argument("--node", action="append", default=[], metavar="URL[#TOKEN]", help="a node to use (repeatable)")
+    p.add_argument(
+        "--node", action="append", default=[], metavar="URL[#TOKEN]", help="a node to use (repeatable)"
+    )
     p.add_argument("--demo", action="store_true", help="also start two emulated LM Studio nodes")
     p.add_argument("--log-format", choices=["text", "json"])
-    p.add_argument("--insecure", action="store_true", help="allow a non-loopback bind without an admin token or keys")
+    p.add_argument(
+        "--insecure", action="store_true", help="allow a non-loopback bind without an admin token or keys"
+    )
     p.add_argument("--allow-public-nodes", action="store_true", help="allow node URLs with public addresses")
 
 
@@ -7025,8 +5599,12 @@ def local_url(settings: Settings, port: int | None = None) -> str:
 
 def cmd_up(args: argparse.Namespace) -> int:
     settings = load_settings(args, host=args.host, port=args.port)
-    code, message = start_background([*current_exe(), "serve", *serve_argv(args)], settings.data_dir,
-                                     local_url(settings) + "/healthz", timeout=args.timeout)
+    code, message = start_background(
+        [*current_exe(), "serve", *serve_argv(args)],
+        settings.data_dir,
+        local_url(settings) + "/healthz",
+        timeout=args.timeout,
+    )
     print(message, file=sys.stderr if code else sys.stdout)
     return code
 
@@ -7039,7 +5617,9 @@ def cmd_down(args: argparse.Namespace) -> int:
 
 def cmd_service(args: argparse.Namespace) -> int:
     settings = load_settings(args, host=args.host, port=args.port)
-    return run_service(args.action, args.dry_run, current_exe(), serve_argv(args), Path.home(), settings.data_dir)
+    return run_service(
+        args.action, args.dry_run, current_exe(), serve_argv(args), Path.home(), settings.data_dir
+    )
 
 
 def cmd_open(args: argparse.Namespace) -> int:
@@ -7064,13 +5644,21 @@ def cmd_mock_node(args: argparse.Namespace) -> int:
         print(f"--models: {exc}", file=sys.stderr)
         return 2
     node = MockNode(
-        models, flavor=args.flavor, version=args.lmstudio_version, token=args.token, load_delay=args.load_delay,
-        tps=args.tps, close_after_response=args.close_after_response,
+        models,
+        flavor=args.flavor,
+        version=args.lmstudio_version,
+        token=args.token,
+        load_delay=args.load_delay,
+        tps=args.tps,
+        close_after_response=args.close_after_response,
     )
 
     async def run() -> None:
         url = await node.start(args.host, args.port)
-        print(f"mock {args.flavor} node {url} serving {', '.join(m.id for m in models)} (Ctrl-C stops it)", flush=True)
+        print(
+            f"mock {args.flavor} node {url} serving {', '.join(m.id for m in models)} (Ctrl-C stops it)",
+            flush=True,
+        )
         try:
             await asyncio.Event().wait()
         finally:
@@ -7097,8 +5685,12 @@ class GatewayClient:
         try:
             resp = self.http.request(method, path, **kwargs)
         except httpx.HTTPError as exc:
-            raise CLIError(f"cannot reach the gateway at {self.base} ({exc}); start it with `vampire serve`") from None
-        body = resp.json() if resp.headers.get("content-type", "").startswith("application/json") else resp.text
+            raise CLIError(
+                f"cannot reach the gateway at {self.base} ({exc}); start it with `vampire serve`"
+            ) from None
+        body = (
+            resp.json() if resp.headers.get("content-type", "").startswith("application/json") else resp.text
+        )
         if resp.status_code >= 400:
             message = body.get("error", {}).get("message") if isinstance(body, dict) else body
             raise CLIError(f"{resp.status_code}: {message}")
@@ -7128,13 +5720,24 @@ def cmd_nodes(args: argparse.Namespace) -> int:
     action = args.action
     if action == "list":
         nodes = client.call("GET", "/vampire/v1/nodes")["data"]
-        rows = [[n["id"], n["state"], "yes" if n["trusted"] else "no", f"{n['kind']} {n['version'] or ''}".strip(),
-                 ", ".join(m["id"] + ("*" if m["loaded"] else "") for m in n["models"]), n["url"]] for n in nodes]
+        rows = [
+            [
+                n["id"],
+                n["state"],
+                "yes" if n["trusted"] else "no",
+                f"{n['kind']} {n['version'] or ''}".strip(),
+                ", ".join(m["id"] + ("*" if m["loaded"] else "") for m in n["models"]),
+                n["url"],
+            ]
+            for n in nodes
+        ]
         print_table(rows, ["ID", "STATE", "TRUSTED", "KIND", "MODELS (* loaded)", "URL"])
         return 0
     if action == "add":
         url, token = split_node_spec(args.target)
-        node = client.call("POST", "/vampire/v1/nodes", json={"url": url, "token": args.token or token, "name": args.name})
+        node = client.call(
+            "POST", "/vampire/v1/nodes", json={"url": url, "token": args.token or token, "name": args.name}
+        )
         print(f"added {node['id']} ({node['state']})")
         return 0
     if action == "remove":
@@ -7145,8 +5748,14 @@ def cmd_nodes(args: argparse.Namespace) -> int:
         node = client.call("POST", f"/vampire/v1/nodes/{args.target}/probe")
         print(f"{node['id']}: {node['state']} {node['kind']} {node['version'] or ''}".rstrip())
         return 0
-    patch = {"drain": {"state": "draining"}, "undrain": {"state": "online"}, "trust": {"trusted": True},
-             "untrust": {"trusted": False}, "disable": {"state": "disabled"}, "enable": {"state": "online"}}[action]
+    patch = {
+        "drain": {"state": "draining"},
+        "undrain": {"state": "online"},
+        "trust": {"trusted": True},
+        "untrust": {"trusted": False},
+        "disable": {"state": "disabled"},
+        "enable": {"state": "online"},
+    }[action]
     node = client.call("PATCH", f"/vampire/v1/nodes/{args.target}", json=patch)
     print(f"{node['id']}: {node['state']}, {'trusted' if node['trusted'] else 'untrusted'}")
     return 0
@@ -7156,8 +5765,13 @@ def cmd_routes(args: argparse.Namespace) -> int:
     client = GatewayClient(load_settings(args), args.url)
     if args.action == "list":
         routes = client.call("GET", "/vampire/v1/routes")["data"]
-        print_table([[r["id"], r["strategy"], ", ".join(_target_text(t) for t in r["targets"]), r["fallback"]] for r in routes],
-                    ["ROUTE", "STRATEGY", "TARGETS (in order)", "FALLBACK"])
+        print_table(
+            [
+                [r["id"], r["strategy"], ", ".join(_target_text(t) for t in r["targets"]), r["fallback"]]
+                for r in routes
+            ],
+            ["ROUTE", "STRATEGY", "TARGETS (in order)", "FALLBACK"],
+        )
         return 0
     if not args.id:
         raise CLIError(f"`routes {args.action}` needs a route ID")
@@ -7182,8 +5796,21 @@ def cmd_keys(args: argparse.Namespace) -> int:
     client = GatewayClient(load_settings(args), args.url)
     if args.action == "list":
         keys = client.call("GET", "/vampire/v1/keys")["data"]
-        print_table([[k["id"], k["name"], k["realm"], ", ".join(k["models"]) or "all", k["rpm"], k["tpm"],
-                      k["max_concurrent"]] for k in keys], ["ID", "NAME", "REALM", "MODELS", "RPM", "TPM", "CONCURRENT"])
+        print_table(
+            [
+                [
+                    k["id"],
+                    k["name"],
+                    k["realm"],
+                    ", ".join(k["models"]) or "all",
+                    k["rpm"],
+                    k["tpm"],
+                    k["max_concurrent"],
+                ]
+                for k in keys
+            ],
+            ["ID", "NAME", "REALM", "MODELS", "RPM", "TPM", "CONCURRENT"],
+        )
         return 0
     if not args.target:
         raise CLIError(f"`keys {args.action}` needs a {'name' if args.action == 'create' else 'key ID'}")
@@ -7191,8 +5818,14 @@ def cmd_keys(args: argparse.Namespace) -> int:
         client.call("DELETE", f"/vampire/v1/keys/{args.target}")
         print(f"revoked {args.target}")
         return 0
-    body = {"name": args.target, "realm": args.realm, "models": args.model or [], "rpm": args.rpm, "tpm": args.tpm,
-            "max_concurrent": args.max_concurrent}
+    body = {
+        "name": args.target,
+        "realm": args.realm,
+        "models": args.model or [],
+        "rpm": args.rpm,
+        "tpm": args.tpm,
+        "max_concurrent": args.max_concurrent,
+    }
     key = client.call("POST", "/vampire/v1/keys", json=body)
     print(f"created key {key['id']} ({key['name']}, realm {key['realm']}). Its secret is shown only now:")
     print(key["key"])
@@ -7201,8 +5834,11 @@ def cmd_keys(args: argparse.Namespace) -> int:
 
 def cmd_share(args: argparse.Namespace) -> int:
     client = GatewayClient(load_settings(args), args.url)
-    state = client.call("PUT", "/vampire/v1/share", json={"mode": args.mode}) if args.mode else client.call(
-        "GET", "/vampire/v1/share")
+    state = (
+        client.call("PUT", "/vampire/v1/share", json={"mode": args.mode})
+        if args.mode
+        else client.call("GET", "/vampire/v1/share")
+    )
     print(f"sharing: {state['mode']}")
     return 0
 
@@ -7212,8 +5848,10 @@ def cmd_usage(args: argparse.Namespace) -> int:
     out = GatewayClient(load_settings(args), args.url).call("GET", "/vampire/v1/usage", params=params)
     rows = [[r["group"], r["requests"], r["prompt_tokens"], r["completion_tokens"]] for r in out["data"]]
     totals = out["totals"]
-    print_table([*rows, ["total", totals["requests"], totals["prompt_tokens"], totals["completion_tokens"]]],
-                [args.group_by.upper(), "REQUESTS", "PROMPT TOKENS", "COMPLETION TOKENS"])
+    print_table(
+        [*rows, ["total", totals["requests"], totals["prompt_tokens"], totals["completion_tokens"]]],
+        [args.group_by.upper(), "REQUESTS", "PROMPT TOKENS", "COMPLETION TOKENS"],
+    )
     return 0
 
 
@@ -7228,7 +5866,10 @@ def cmd_cache(args: argparse.Namespace) -> int:
 def cmd_models(args: argparse.Namespace) -> int:
     rows = GatewayClient(load_settings(args), args.url).call("GET", "/vampire/v1/models")["data"]
     print_table(
-        [[m["id"], m["node"], m["type"], "yes" if m["loaded"] else "no", m["context_length"], m["slots"]] for m in rows],
+        [
+            [m["id"], m["node"], m["type"], "yes" if m["loaded"] else "no", m["context_length"], m["slots"]]
+            for m in rows
+        ],
         ["MODEL", "NODE", "TYPE", "LOADED", "CONTEXT", "SLOTS"],
     )
     return 0
@@ -7242,8 +5883,14 @@ def cmd_discover(args: argparse.Namespace) -> int:
 
     async def run() -> list[Found]:
         async with aiohttp.ClientSession() as http:
-            return await discover(http, subnets, ports, timeout=args.timeout, allow_public=args.allow_public,
-                                  on_progress=progress.update)
+            return await discover(
+                http,
+                subnets,
+                ports,
+                timeout=args.timeout,
+                allow_public=args.allow_public,
+                on_progress=progress.update,
+            )
 
     started = time.perf_counter()
     try:
@@ -7252,8 +5899,10 @@ def cmd_discover(args: argparse.Namespace) -> int:
         print(f"discover: {exc}", file=sys.stderr)
         return 2
     progress.finish()
-    print_table([[f.url, f.kind, f.version, f.health, ", ".join(f.models)] for f in found],
-                ["URL", "KIND", "VERSION", "STATE", "MODELS"])
+    print_table(
+        [[f.url, f.kind, f.version, f.health, ", ".join(f.models)] for f in found],
+        ["URL", "KIND", "VERSION", "STATE", "MODELS"],
+    )
     print(f"{len(found)} node(s) found in {time.perf_counter() - started:.2f} s", file=sys.stderr)
     if args.add and found:
         client = GatewayClient(settings, args.url)
@@ -7285,7 +5934,10 @@ def cmd_chat(args: argparse.Namespace) -> int:
     settings = load_settings(args)
     base = args.url or local_url(settings)
     body = {"model": args.model, "stream": True, "messages": [{"role": "user", "content": args.prompt}]}
-    with httpx.Client(timeout=None) as http, http.stream("POST", f"{base}/v1/chat/completions", json=body) as resp:
+    with (
+        httpx.Client(timeout=None) as http,
+        http.stream("POST", f"{base}/v1/chat/completions", json=body) as resp,
+    ):
         if resp.status_code != 200:
             resp.read()
             print(f"error {resp.status_code}: {resp.text}", file=sys.stderr)
@@ -7303,12 +5955,18 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vampire", description="One private OpenAI-compatible endpoint over shared LM Studio nodes.")
+    parser = argparse.ArgumentParser(
+        prog="vampire", description="One private OpenAI-compatible endpoint over shared LM Studio nodes."
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    def command(name: str, handler: Callable[[argparse.Namespace], int], help_text: str) -> argparse.ArgumentParser:
+    def command(
+        name: str, handler: Callable[[argparse.Namespace], int], help_text: str
+    ) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=help_text)
-        p.add_argument("--config", type=Path, help="settings file (default: vampire.toml in the user config dir)")
+        p.add_argument(
+            "--config", type=Path, help="settings file (default: vampire.toml in the user config dir)"
+        )
         p.set_defaults(handler=handler)
         return p
 
@@ -7323,31 +5981,55 @@ def build_parser() -> argparse.ArgumentParser:
 
     service = command("service", cmd_service, "install or control the per-user background service")
     service.add_argument("action", choices=list(SERVICE_ACTIONS))
-    service.add_argument("--dry-run", action="store_true", help="print the files and commands, change nothing")
+    service.add_argument(
+        "--dry-run", action="store_true", help="print the files and commands, change nothing"
+    )
     add_serve_flags(service)
 
     command("version", cmd_version, "print the version")
 
-    mock = command("mock-node", cmd_mock_node, "run a deterministic LM Studio emulator (for demos, CI and tests)")
+    mock = command(
+        "mock-node", cmd_mock_node, "run a deterministic LM Studio emulator (for demos, CI and tests)"
+    )
     mock.add_argument("--host", default="127.0.0.1")
     mock.add_argument("--port", type=int, default=LMSTUDIO_PORT)
-    mock.add_argument("--models", default="qwen/qwen3-4b:llm:loaded,text-embedding-nomic-embed-text-v1.5:embedding",
-                      help="id[:type][:loaded],… (type llm|vlm|embedding)")
+    mock.add_argument(
+        "--models",
+        default="qwen/qwen3-4b:llm:loaded,text-embedding-nomic-embed-text-v1.5:embedding",
+        help="id[:type][:loaded],… (type llm|vlm|embedding)",
+    )
     mock.add_argument("--flavor", choices=["lmstudio", "ollama", "openai"], default="lmstudio")
     mock.add_argument("--lmstudio-version", default="0.4.6", help="0.3.x or 0.4.x")
     mock.add_argument("--token", help="require this API token (LM Studio 0.4+)")
     mock.add_argument("--load-delay", type=float, default=0.0, help="seconds a JIT load takes")
     mock.add_argument("--tps", type=float, default=0.0, help="generated tokens per second (0 = unlimited)")
-    mock.add_argument("--close-after-response", action="store_true", help="drop keep-alive connections like llama-server")
+    mock.add_argument(
+        "--close-after-response", action="store_true", help="drop keep-alive connections like llama-server"
+    )
 
-    for name, handler, text in (("status", cmd_status, "show the running gateway's status"),
-                                ("models", cmd_models, "list models and where they are placed")):
+    for name, handler, text in (
+        ("status", cmd_status, "show the running gateway's status"),
+        ("models", cmd_models, "list models and where they are placed"),
+    ):
         p = command(name, handler, text)
         p.add_argument("--url", help="gateway URL (default from settings)")
 
     nodes = command("nodes", cmd_nodes, "list and manage nodes")
-    nodes.add_argument("action", choices=["list", "add", "remove", "drain", "undrain", "trust", "untrust",
-                                          "disable", "enable", "probe"])
+    nodes.add_argument(
+        "action",
+        choices=[
+            "list",
+            "add",
+            "remove",
+            "drain",
+            "undrain",
+            "trust",
+            "untrust",
+            "disable",
+            "enable",
+            "probe",
+        ],
+    )
     nodes.add_argument("target", nargs="?", help="node URL (add) or node ID")
     nodes.add_argument("--token", help="the node owner's API token (add)")
     nodes.add_argument("--name", help="a friendly name (add)")
@@ -7386,7 +6068,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     disc = command("discover", cmd_discover, "scan private networks for LM Studio / Ollama nodes")
     disc.add_argument("--subnet", action="append", help="CIDR to scan (repeatable; default 127.0.0.0/24)")
-    disc.add_argument("--port", action="append", type=int, help="port to probe (repeatable; default 1234 and 11434)")
+    disc.add_argument(
+        "--port", action="append", type=int, help="port to probe (repeatable; default 1234 and 11434)"
+    )
     disc.add_argument("--timeout", type=float, default=0.5, help="per-probe timeout in seconds")
     disc.add_argument("--add", action="store_true", help="add what is found as untrusted nodes")
     disc.add_argument("--allow-public", action="store_true", help="allow scanning public ranges")
@@ -7411,7 +6095,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
 
 
-# ── service: per-user background service, `vampire up`/`down`, the double-click path ──────────────────
+# ── service: per-user background service, `vampire up`/`down`, the double-click path ──────────────────────
+
 
 # Running Vampire in the background without root.
 #
@@ -7431,13 +6116,21 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 SERVICE_ACTIONS = ("install", "uninstall", "start", "stop", "status")
+
 SERVICE_SYSTEMS = ("linux", "darwin", "windows")
+
 SYSTEMD_UNIT_NAME = "vampire.service"
+
 LAUNCHD_LABEL = "dev.vampire.gateway"
+
 WINDOWS_TASK_NAME = "Vampire"
+
 WINDOWS_RUN_KEY = r"HKCU\Software\Microsoft\Windows\CurrentVersion\Run"
+
 PIDFILE_NAME = "vampire.pid"
+
 LOGFILE_NAME = "vampire.log"
+
 
 # Placeholders are @NAME@ so that neither systemd's `%`/`$` syntax nor XML needs escaping in the templates.
 SYSTEMD_UNIT_TEMPLATE = """\
@@ -7460,6 +6153,7 @@ SyslogIdentifier=vampire
 WantedBy=default.target
 """
 
+
 # Task Scheduler schema 1.2 (Windows Vista and later). The logon trigger names the user: an unscoped
 # logon trigger ("any user") can only be registered with admin rights. ExecutionTimeLimit PT0S lifts the
 # default 72-hour limit after which Task Scheduler would end a long-running gateway.
@@ -7467,7 +6161,7 @@ WINDOWS_TASK_TEMPLATE = """\
 <?xml version="1.0" encoding="UTF-16"?>
 <Task version="1.2" xmlns="http://schemas.microsoft.com/windows/2004/02/mit/task">
   <RegistrationInfo>
-    <Description>Vampire gateway: one OpenAI-compatible endpoint for the LM Studio servers shared with you</Description>
+    <Description>Vampire gateway: one OpenAI-compatible endpoint for shared LM Studio servers</Description>
     <URI>\\Vampire</URI>
   </RegistrationInfo>
   <Triggers>
@@ -7872,7 +6566,8 @@ def run_service(
     system: str | None = None,
     out: Callable[[str], object] = print,
 ) -> int:
-    """Carry out `vampire service <action>`; with dry_run only print it. Returns 0 ok, 1 failure, 2 bad usage."""
+    """Carry out `vampire service <action>`; with dry_run only print it. Returns 0 ok, 1 failure, 2 bad
+    usage."""
     system = system or current_system()
     try:
         plan = service_plan(action, system, exe, serve_args, home, data_dir)
@@ -7946,7 +6641,7 @@ def run_service(
     return 0
 
 
-# ── background process: `vampire up` / `vampire down` ──────────────────────────────────────────────────
+# -- background process: `vampire up` / `vampire down` -----------------------------------------------------
 
 
 def _healthy(url: str, timeout: float = 1.0) -> bool:
@@ -8018,7 +6713,8 @@ def _alive_windows(pid: int) -> bool:
 
 
 def _is_ours(pid: int, argv: list[str]) -> bool:
-    """Whether `pid` is still the process the pidfile recorded, not a recycled pid (checked where /proc is)."""
+    """Whether `pid` is still the process the pidfile recorded, not a recycled pid (checked where /proc
+    is)."""
     if not _alive(pid):
         return False
     cmdline = Path(f"/proc/{pid}/cmdline")
@@ -8122,7 +6818,8 @@ def _spawn_detached(argv: list[str], log: Path) -> tuple[int, Callable[[], int |
 def start_background(
     argv: list[str], data_dir: Path, health_url: str, timeout: float = 20.0
 ) -> tuple[int, str]:
-    """`vampire up`: start `argv` detached unless a gateway already runs; return when it answers health_url."""
+    """`vampire up`: start `argv` detached unless a gateway already runs; return when it answers
+    health_url."""
     data_dir.mkdir(parents=True, exist_ok=True)
     pidfile = data_dir / PIDFILE_NAME
     log = data_dir / LOGFILE_NAME
@@ -8137,7 +6834,8 @@ def start_background(
     if recorded:
         return (
             0,
-            f"Vampire is already running as pid {recorded[0]} but {health_url} does not answer yet; see {log}",
+            f"Vampire is already running as pid {recorded[0]} but {health_url} does not answer yet; "
+            f"see {log}",
         )
     with log.open("ab") as fh:
         start = fh.seek(0, os.SEEK_END)
@@ -8186,7 +6884,7 @@ def stop_background(data_dir: Path, timeout: float = 10.0) -> tuple[int, str]:
     return 0, f"Vampire stopped (pid {pid})"
 
 
-# ── the double-click path ───────────────────────────────────────────────────────────────────────────
+# -- the double-click path ---------------------------------------------------------------------------------
 
 
 def open_or_start(
@@ -8225,6 +6923,2067 @@ def open_or_start(
         stopped.set()
         opener.join(2.0)
     return 0
+
+
+# ── emulator: a deterministic LM Studio (and Ollama, generic OpenAI) node for demos, CI jobs and tests ─
+
+# Deterministic emulator of an LM Studio node, with Ollama and generic OpenAI-server (llama-server) flavors.
+#
+# It follows reference/lmstudio-api.md and reference/ollama-api.md closely enough that the gateway can be
+# tested, demoed and benchmarked without a GPU: same routes, same body shapes, same odd status codes (LM
+# Studio answers unknown routes with HTTP 200), JIT loading with auto-evict, per-instance parallel slots,
+# auth tokens, and fault injection for failover tests. Standard library and aiohttp only, and no
+# module-level mutable state, so the section can live inside the single-file product.
+#
+# Token accounting rule (documented because tests and usage figures depend on it): one generated word is one
+# token; prompt tokens are the whitespace-separated words of every message's text plus 4 per message (raw
+# `prompt` strings count words only).
+
+
+class _LazyModule:
+    """A module imported on first use: only the emulator needs aiohttp's server half, and a gateway that
+    never runs one should not carry its memory."""
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+
+    def __getattr__(self, attr: str) -> Any:
+        return getattr(importlib.import_module(self._name), attr)
+
+
+web: Any = _LazyModule("aiohttp.web")
+_MOCK_FLAVORS = ("lmstudio", "ollama", "openai")
+_MOCK_TYPES = ("llm", "vlm", "embedding")
+_MOCK_SPEC_TYPES = {"llm": "llm", "vlm": "vlm", "embedding": "embedding", "embeddings": "embedding"}
+_MOCK_FAULTS = ("500", "503", "429", "stall", "midstream")
+_MOCK_TOKEN_RE = re.compile(r"sk-lm-[A-Za-z0-9]{8}:[A-Za-z0-9]{20}")
+_MOCK_LOAD_KEYS = frozenset(
+    {
+        "model",
+        "context_length",
+        "eval_batch_size",
+        "flash_attention",
+        "num_experts",
+        "offload_kv_cache_to_gpu",
+        "echo_load_config",
+    }
+)
+_MOCK_OLLAMA_VERSION = "0.12.3"
+_MOCK_LLAMA_FINGERPRINT = "b6000-mock"
+_MOCK_EMBED_DIM = 16
+_MOCK_TOKENS_PER_MESSAGE = 4
+_MOCK_STORED_RESPONSES = 1000
+_MOCK_DISCONNECT_GRACE = 5.0
+_MOCK_WEATHER_RE = re.compile(r"\bweather\b", re.IGNORECASE)
+_MOCK_AUTH_MISSING = (
+    "An LM Studio API token is required to make requests to this server, but none was provided using the "
+    "Authorization header using the 'Bearer' scheme. Create a token in the Server Settings of LM Studio and "
+    "send it as 'Authorization: Bearer <token>'."
+)
+_MOCK_NO_MODELS = "No models loaded. Please load a model in the developer page or use the 'lms load' command."
+_MOCK_FAULT_MESSAGES = {
+    "500": "Internal server error while generating a response.",
+    "503": "Server busy: too many pending predictions, please try again.",
+    "429": "Too many requests: slow down and try again.",
+}
+_MOCK_OLLAMA_FAULT_MESSAGES = {
+    "500": "an error was encountered while running the model",
+    "503": "server busy, please try again.  maximum pending requests exceeded",
+    "429": "too many requests",
+}
+_MOCK_STOP_REASONS = {"stop": "eosFound", "length": "maxPredictedTokensReached", "tool_calls": "toolCalls"}
+# The vocabulary of generated text: plain words, one token each.
+_MOCK_WORD_TEXT = """
+    about above across after again air along always animal answer apple area autumn away back ball bank
+    basket beach bear beautiful bed before begin behind bell below best between bird black blue boat body
+    book bottle bread bridge bright brother brown build busy butter cake call calm camera candle car card
+    care carry castle cat chair chalk change cheese child circle city clean clear clock close cloud coast
+    coffee cold color come cook cool copper corner cotton country course cover cow cream cup dance dark day
+    deep desk dinner door down dream dress drink dry duck early earth east easy egg end evening every eye
+    face fair fall family farm fast feather field fire fish flag floor flower fly fog follow food forest fox
+    free fresh friend fruit full game gate gentle gift glass gold good grass green ground grow guitar hair
+    half hand happy harbor hat heart heavy hill home honey horse hour house idea island jacket journey jump
+    key kind kitchen kite lake lamp land large late laugh leaf learn left letter light lion little long low
+    lucky map market meadow metal milk mirror moon morning mountain music name near nest new night noon
+    north nose ocean office old open orange paper park path pencil people pepper piano picture pillow plain
+    plant plate pocket pond quiet rabbit rain read red rest rice ring road rock roof room rope round salt
+    sand school sea season seed shadow sheep shell ship shirt shoe short silver simple sing sister sky sleep
+    slow small smile snow soft song soup south spring square stair star station steady story street strong
+    sugar summer sun sweet table tall tea teacher thread ticket tiger time today train travel tree true turn
+    umbrella under valley village violin voice wall warm watch water wave west wheel white wide wind window
+    winter wise wood word world yellow young zebra
+"""
+
+
+# --------------------------------------------------------------------------------------------------------
+# Public data types
+
+
+@dataclass
+class MockModel:
+    """One downloaded model of an emulated node; `loaded` models start resident as if loaded by hand."""
+
+    id: str
+    type: str = "llm"
+    loaded: bool = False
+    context_length: int = 4096
+    max_context_length: int = 32768
+    parallel: int = 4
+    vision: bool = False
+    tools: bool = True
+    reasoning: bool = False
+    quantization: str = "Q4_K_M"
+    format: str = "gguf"
+    size_bytes: int = 2_500_000_000
+    publisher: str = ""
+    arch: str = ""
+
+    def __post_init__(self) -> None:
+        _mock_validate_model(self)
+        if self.type == "vlm":
+            self.vision = True
+        if self.type == "embedding":
+            self.tools = False
+        if not self.publisher:
+            self.publisher = self.id.split("/", 1)[0] if "/" in self.id else "lmstudio-community"
+        if not self.arch:
+            self.arch = _mock_guess_arch(self.id, self.type)
+
+    @property
+    def is_embedding(self) -> bool:
+        return self.type == "embedding"
+
+
+@dataclass
+class Received:
+    """One request as the node saw it (headers keyed in lower case, `time` from time.monotonic())."""
+
+    method: str
+    path: str
+    query: str
+    headers: dict[str, str]
+    body: bytes
+    json: Any | None
+    time: float
+
+
+@dataclass
+class NodeStats:
+    """Counters a test can poll. `tokens_generated` counts every produced token (cancelled ones too);
+    `completion_tokens_total` only those of finished generations."""
+
+    requests: int = 0
+    generations_started: int = 0
+    generations_finished: int = 0
+    generations_cancelled: int = 0
+    active_generations: int = 0
+    peak_active_generations: int = 0
+    queued_generations: int = 0
+    loads: int = 0
+    unloads: int = 0
+    tokens_generated: int = 0
+    prompt_tokens_total: int = 0
+    completion_tokens_total: int = 0
+    stale_drops: int = 0
+    faults_injected: int = 0
+    load_log: list[str] = field(default_factory=list)
+
+
+def parse_model_specs(spec: str) -> list[MockModel]:
+    """Parse the CLI list `id[:type][:loaded],…`; trailing `llm|vlm|embedding|loaded` segments are flags,
+    every other segment belongs to the id (so `qwen/qwen3-4b:2` and `llama3.2:latest` stay whole)."""
+    if not spec.strip():
+        raise ValueError("no models given: expected 'id[:type][:loaded],id2…'")
+    models = [_mock_parse_model_spec(entry.strip()) for entry in spec.split(",")]
+    seen: set[str] = set()
+    for model in models:
+        if model.id in seen:
+            raise ValueError(f"model {model.id!r} is listed twice")
+        seen.add(model.id)
+    return models
+
+
+def _mock_parse_model_spec(entry: str) -> MockModel:
+    if not entry:
+        raise ValueError("empty model entry in the model list (look for a stray comma)")
+    parts = entry.split(":")
+    kind: str | None = None
+    loaded = False
+    while len(parts) > 1 and (parts[-1].lower() in _MOCK_SPEC_TYPES or parts[-1].lower() == "loaded"):
+        flag = parts.pop().lower()
+        if flag == "loaded" and not loaded:
+            loaded = True
+        elif flag != "loaded" and kind is None:
+            kind = _MOCK_SPEC_TYPES[flag]
+        else:
+            raise ValueError(f"model entry {entry!r} repeats the flag or type {flag!r}")
+    if "" in parts:
+        raise ValueError(f"model entry {entry!r} has an empty ':'-separated segment")
+    return MockModel(id=":".join(parts), type=kind or "llm", loaded=loaded)
+
+
+def _mock_validate_model(model: MockModel) -> None:
+    if not model.id or any(ch.isspace() for ch in model.id):
+        raise ValueError(f"invalid model id {model.id!r}: it must be non-empty and contain no spaces")
+    if model.type not in _MOCK_TYPES:
+        raise ValueError(
+            f"model {model.id!r}: type must be one of {', '.join(_MOCK_TYPES)}, not {model.type!r}"
+        )
+    if model.parallel < 1 or model.context_length < 1 or model.max_context_length < 1:
+        raise ValueError(f"model {model.id!r}: parallel and context lengths must be positive")
+
+
+# --------------------------------------------------------------------------------------------------------
+# Model-derived catalogue fields
+
+
+def _mock_model_name(model_id: str) -> str:
+    return model_id.split("/")[-1]
+
+
+def _mock_guess_arch(model_id: str, kind: str) -> str:
+    name = _mock_model_name(model_id).lower()
+    if kind == "embedding":
+        return "nomic-bert" if "nomic" in name else "bert"
+    # The family is usually the first dash-separated part of the name, e.g. "qwen3" in "qwen3-4b".
+    return re.split(r"[-_:.]", name)[0] or "llama"
+
+
+def _mock_params_string(model: MockModel) -> str | None:
+    match = re.search(
+        r"(?:^|[-_])(\d+(?:\.\d+)?[bm])(?:-(a\d+(?:\.\d+)?[bm]))?(?=$|[-_:@])", model.id.lower()
+    )
+    if match is None:
+        return None
+    return "-".join(part.upper() for part in match.groups() if part)
+
+
+def _mock_display_name(model: MockModel) -> str:
+    words = re.split(r"[-_]", _mock_model_name(model.id).split(":")[0])
+    return " ".join(
+        w.upper() if re.fullmatch(r"\d+(\.\d+)?[bm]", w) else w[:1].upper() + w[1:] for w in words
+    )
+
+
+def _mock_bits(quantization: str) -> int | None:
+    match = re.search(r"\d+", quantization)
+    return int(match.group()) if match else None
+
+
+def _mock_variant(model: MockModel) -> str:
+    return f"{model.id}@{model.quantization.lower()}"
+
+
+def _mock_runtime(model: MockModel) -> dict[str, Any]:
+    if model.format == "mlx":
+        return {
+            "name": "mlx-llm-mac-arm64-apple-metal-advsimd",
+            "version": "0.30.0",
+            "supported_formats": ["safetensors"],
+        }
+    return {"name": "llama.cpp-linux-x86_64-avx2", "version": "1.50.2", "supported_formats": ["gguf"]}
+
+
+def _mock_ollama_capabilities(model: MockModel) -> list[str]:
+    if model.is_embedding:
+        return ["embedding"]
+    flags = [("tools", model.tools), ("vision", model.vision), ("thinking", model.reasoning)]
+    return ["completion", *(name for name, on in flags if on)]
+
+
+def _mock_ollama_details(model: MockModel) -> dict[str, Any]:
+    return {
+        "parent_model": "",
+        "format": model.format,
+        "family": model.arch,
+        "families": [model.arch],
+        "parameter_size": _mock_params_string(model) or "1B",
+        "quantization_level": model.quantization,
+    }
+
+
+# --------------------------------------------------------------------------------------------------------
+# Text, JSON and framing helpers
+
+
+def _mock_dumps(obj: Any) -> str:
+    # Compact like Express's JSON.stringify, so byte-level comparisons against real captures stay close.
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
+
+
+def _mock_json(obj: Any, status: int = 200) -> web.Response:
+    return web.Response(text=_mock_dumps(obj), status=status, content_type="application/json")
+
+
+def _mock_sse_data(obj: Any) -> str:
+    return f"data: {_mock_dumps(obj)}\n\n"
+
+
+def _mock_sse_event(name: str, obj: Any) -> str:
+    return f"event: {name}\ndata: {_mock_dumps(obj)}\n\n"
+
+
+def _mock_ndjson(obj: Any) -> str:
+    return _mock_dumps(obj) + "\n"
+
+
+def _mock_word_count(text: str) -> int:
+    return len(text.split())
+
+
+def _mock_content_text(content: Any) -> str:
+    """Flatten message content (string, list of parts, Anthropic blocks) to its plain text."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return " ".join(_mock_content_text(part) for part in content)
+    if isinstance(content, dict):
+        if isinstance(content.get("text"), str):
+            return content["text"]
+        return _mock_content_text(content.get("content"))
+    return ""
+
+
+def _mock_turn_tokens(turns: list[tuple[str, str]]) -> int:
+    return sum(_mock_word_count(text) + _MOCK_TOKENS_PER_MESSAGE for _, text in turns)
+
+
+def _mock_chat_turns(messages: Any) -> list[tuple[str, str]]:
+    if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+        raise _MockHTTPError(400, "'messages' must be an array of message objects.", param="messages")
+    return [(str(m.get("role", "user")), _mock_content_text(m.get("content"))) for m in messages]
+
+
+def _mock_system_turns(system: Any) -> list[tuple[str, str]]:
+    text = _mock_content_text(system)
+    return [("system", text)] if text else []
+
+
+def _mock_response_turns(body: dict[str, Any]) -> list[tuple[str, str]]:
+    turns = _mock_system_turns(body.get("instructions"))
+    source = body.get("input")
+    if isinstance(source, str):
+        return [*turns, ("user", source)]
+    if not isinstance(source, list):
+        raise _MockHTTPError(400, "'input' must be a string or an array of input items.", param="input")
+    for item in source:
+        if isinstance(item, dict):
+            text = _mock_content_text(item.get("content", item.get("output")))
+            turns.append((str(item.get("role", "user")), text))
+    return turns
+
+
+def _mock_native_turns(body: dict[str, Any]) -> list[tuple[str, str]]:
+    turns = _mock_system_turns(body.get("system_prompt"))
+    source = body.get("input")
+    if isinstance(source, str):
+        return [*turns, ("user", source)]
+    if not isinstance(source, list) or not source:
+        raise _MockHTTPError(
+            400, "'input' must be a string or a non-empty array of input items.", param="input"
+        )
+    text = " ".join(_mock_content_text(item.get("content")) for item in source if isinstance(item, dict))
+    return [*turns, ("user", text)]
+
+
+def _mock_embedding_inputs(value: Any) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
+        return list(value)
+    raise _MockHTTPError(400, "'input' must be a string or a non-empty array of strings.", param="input")
+
+
+def _mock_embedding(text: str) -> list[float]:
+    """A unit vector derived from sha256(text): stable across runs and nodes, different per text."""
+    raw = [
+        byte - 127.5
+        for byte in hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest()[:_MOCK_EMBED_DIM]
+    ]
+    norm = math.sqrt(sum(v * v for v in raw)) or 1.0
+    return [v / norm for v in raw]
+
+
+def _mock_int(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _mock_float(value: Any) -> float | None:
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
+def _mock_now_iso(offset: float = 0.0) -> str:
+    return (datetime.now(UTC) + timedelta(seconds=offset)).isoformat().replace("+00:00", "Z")
+
+
+def _mock_keep_alive_zero(value: Any) -> bool:
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return value == 0
+    return isinstance(value, str) and re.fullmatch(r"0+(\.0*)?(ns|us|ms|s|m|h)?", value.strip()) is not None
+
+
+def _mock_version(version: str) -> tuple[int, int, int]:
+    """Parse "0.4.6", "0.3" or "0.4.6+1"; missing parts count as the newest patch of that line."""
+    parts = [re.match(r"\d+", p) for p in version.split("+")[0].split(".")]
+    if not parts or len(parts) > 3 or any(p is None for p in parts):
+        raise ValueError(f"invalid LM Studio version {version!r}: expected e.g. '0.4.6' or '0.3'")
+    numbers = [int(p.group()) for p in parts if p is not None] + [999, 999]
+    return numbers[0], numbers[1], numbers[2]
+
+
+def _mock_tool_call(tools: Any, turns: list[tuple[str, str]], call_id: str) -> dict[str, str] | None:
+    """A call to the request's weather tool when the last user message mentions the weather."""
+    if not isinstance(tools, list) or not tools:
+        return None
+    last_user = next((text for role, text in reversed(turns) if role == "user"), "")
+    if not _MOCK_WEATHER_RE.search(last_user):
+        return None
+    specs = [t.get("function", t) for t in tools if isinstance(t, dict)]
+    specs = [s for s in specs if isinstance(s, dict) and isinstance(s.get("name"), str)]
+    if not specs:
+        return None
+    spec = next((s for s in specs if "weather" in s["name"].lower()), specs[0])
+    params = spec.get("parameters") or spec.get("input_schema") or {}
+    props = params.get("properties") if isinstance(params, dict) else None
+    required = params.get("required") if isinstance(params, dict) else None
+    names = [*(required or []), *(props or {})] if isinstance(props, dict) else []
+    arguments = {names[0]: "Paris"} if names else {}
+    return {"id": call_id, "name": spec["name"], "arguments": _mock_dumps(arguments)}
+
+
+def _mock_sentence(rng: random.Random, count: int, ends: bool) -> list[str]:
+    vocabulary = _MOCK_WORD_TEXT.split()
+    words = [rng.choice(vocabulary) for _ in range(count)]
+    words[0] = words[0].capitalize()
+    if ends:
+        words[-1] += "."
+    return [words[0], *(" " + w for w in words[1:])]
+
+
+# --------------------------------------------------------------------------------------------------------
+# Internal plumbing types
+
+
+class _MockHTTPError(Exception):
+    """An error answer; the route's error style decides the body shape."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        kind: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        v1_type: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.kind = kind
+        self.param = param
+        self.code = code
+        if v1_type is None:
+            v1_type = "model_not_found" if code == "model_not_found" else "invalid_request"
+            v1_type = "internal_error" if status >= 500 else v1_type
+        self.v1_type = v1_type
+
+
+class _MockAbort(Exception):
+    """The node cut the connection on purpose; the handler must end without writing anything more."""
+
+
+@dataclass
+class _MockInstance:
+    id: str
+    model: MockModel
+    context_length: int
+    jit: bool
+    slots: asyncio.Semaphore
+    active: int = 0
+    waiting: int = 0
+    last_used: float = field(default_factory=time.time)
+
+
+@dataclass
+class _MockTarget:
+    model: MockModel
+    instance: _MockInstance | None
+
+
+@dataclass
+class _MockSampling:
+    max_tokens: int | None = None
+    temperature: float | None = None
+    seed: int | None = None
+
+
+@dataclass
+class _MockPlan:
+    """What a generation will produce: text tokens, or tool-call argument fragments after an empty header."""
+
+    pieces: list[str]
+    finish: str
+    prompt_tokens: int
+    tool: dict[str, str] | None = None
+
+    @property
+    def text(self) -> str:
+        return "" if self.tool else "".join(self.pieces)
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.pieces)
+
+    def usage(self) -> dict[str, int]:
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.prompt_tokens + self.completion_tokens,
+        }
+
+
+@dataclass
+class _MockTiming:
+    first_token: float
+    generation: float
+    load: float | None = None
+
+    def tokens_per_second(self, tokens: int) -> float:
+        return round(tokens / self.generation, 2) if self.generation > 0 else 0.0
+
+
+# Quoted so the alias also works where postponed annotations are off (this section may be pasted elsewhere).
+_MockHandler = Callable[["_MockCall"], Awaitable[Any]]  # returns an aiohttp.web.StreamResponse
+
+
+@dataclass(frozen=True)
+class _MockRoute:
+    handler: _MockHandler
+    errors: str = "openai"
+    inference: bool = False
+    fingerprint: str = ""
+    extras: str = ""
+
+
+@dataclass
+class _MockCall:
+    request: web.Request
+    body: bytes
+    data: Any
+    json_error: str | None
+    route: _MockRoute
+    abort_after: int | None = None
+
+    def payload(self) -> dict[str, Any]:
+        if self.json_error is not None:
+            raise _MockHTTPError(400, f"Malformed JSON in request body: {self.json_error}")
+        if not isinstance(self.data, dict):
+            raise _MockHTTPError(400, "The request body must be a JSON object.")
+        return self.data
+
+
+_MockEmit = Callable[[int, str], Awaitable[None]]
+
+
+class _MockStream:
+    """Writes one frame at a time; the response is prepared lazily so that anything rejected before the
+    first frame is still a plain HTTP error, and nothing is sent while a JIT load is in progress."""
+
+    def __init__(self, call: _MockCall, content_type: str) -> None:
+        self._call = call
+        self._content_type = content_type
+        self._response: web.StreamResponse | None = None
+        self.sent = 0
+
+    async def send(self, frame: str) -> None:
+        if self._call.abort_after is not None and self.sent >= self._call.abort_after:
+            self._abort()
+        response = await self._prepared()
+        await response.write(frame.encode())
+        self.sent += 1
+
+    async def finish(self) -> web.StreamResponse:
+        if self._call.abort_after is not None:
+            self._abort()
+        response = await self._prepared()
+        await response.write_eof()
+        return response
+
+    async def _prepared(self) -> web.StreamResponse:
+        if self._response is None:
+            headers = {"Content-Type": self._content_type, "Cache-Control": "no-cache"}
+            self._response = web.StreamResponse(status=200, headers=headers)
+            await self._response.prepare(self._call.request)
+        return self._response
+
+    def _abort(self) -> NoReturn:
+        transport = self._call.request.transport
+        if transport is not None:
+            transport.abort()
+        raise _MockAbort()
+
+
+# --------------------------------------------------------------------------------------------------------
+# The node
+
+
+class MockNode:
+    """An emulated inference server. Start it on a running loop; every answer is derived from the request,
+    the node's seed and (for sampled requests) a per-node counter."""
+
+    def __init__(
+        self,
+        models: list[MockModel],
+        *,
+        flavor: str = "lmstudio",
+        version: str = "0.4.6",
+        token: str | None = None,
+        load_delay: float = 0.0,
+        tps: float = 0.0,
+        jit: bool = True,
+        auto_evict: bool = True,
+        close_after_response: bool = False,
+        completion_tokens: int = 12,
+        seed: int = 0,
+    ) -> None:
+        self._check_settings(models, flavor, load_delay, tps, completion_tokens)
+        self.models = list(models)
+        self.flavor = flavor
+        self.version = version
+        self._version = _mock_version(version)
+        self._token = token
+        self._load_delay = load_delay
+        self._tps = tps
+        self._jit = jit
+        self._auto_evict = auto_evict
+        self._close_after_response = close_after_response
+        self._completion_tokens = completion_tokens
+        self._seed = seed
+        self.url = ""
+        self.received: list[Received] = []
+        self.stats = NodeStats()
+        self._init_state()
+        self.app = self._build_app()
+
+    @staticmethod
+    def _check_settings(
+        models: list[MockModel], flavor: str, load_delay: float, tps: float, completion_tokens: int
+    ) -> None:
+        if flavor not in _MOCK_FLAVORS:
+            raise ValueError(f"flavor must be one of {', '.join(_MOCK_FLAVORS)}, not {flavor!r}")
+        if load_delay < 0 or tps < 0 or completion_tokens < 1:
+            raise ValueError("load_delay and tps must be >= 0 and completion_tokens >= 1")
+        ids = [m.id for m in models]
+        if len(set(ids)) != len(ids):
+            raise ValueError("model ids must be unique")
+
+    def _init_state(self) -> None:
+        self._instances: list[_MockInstance] = []
+        self._pending_loads: dict[str, asyncio.Task[_MockInstance]] = {}
+        self._stored_responses: dict[str, list[tuple[str, str]]] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._seen_transports: weakref.WeakSet[Any] = weakref.WeakSet()
+        self._routes: dict[tuple[str, str], _MockRoute] = {}
+        self._prefix_routes: list[tuple[str, str, _MockRoute]] = []
+        self._runner: web.AppRunner | None = None
+        self._nonce = 0
+        self._id_counter = 0
+        self._created = int(time.time())
+        self._fault: str | None = None
+        self._fault_rate = 1.0
+        self._fault_after = 2
+        self._fault_rng = random.Random(f"{self._seed}:faults")
+        for model in self.models:
+            if model.loaded or self.flavor == "openai":
+                self._add_instance(model, model.context_length, jit=False, count=False)
+
+    def _build_app(self) -> web.Application:
+        # Chat requests may carry base64 images, far beyond aiohttp's 1 MiB default body limit.
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        register = {
+            "lmstudio": self._lmstudio_routes,
+            "ollama": self._ollama_routes,
+            "openai": self._openai_routes,
+        }
+        register[self.flavor]()
+        if self.flavor == "lmstudio":
+            app.on_response_prepare.append(self._tag_express)
+        app.router.add_route("*", "/{tail:.*}", self._dispatch)
+        return app
+
+    # ---- public control surface --------------------------------------------------------------------------
+
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
+        if self._runner is not None:
+            raise RuntimeError("this node is already started")
+        # handler_cancellation makes aiohttp cancel a handler when its client goes away, which is how a
+        # disconnect stops a generation at once (LM Studio logs "Client disconnected. Stopping generation").
+        runner = web.AppRunner(self.app, handler_cancellation=True, access_log=None, shutdown_timeout=0.25)
+        await runner.setup()
+        await web.TCPSite(runner, host, port).start()
+        self._runner = runner
+        bound_port = runner.addresses[0][1]
+        self.url = f"http://{host}:{bound_port}"
+        return self.url
+
+    async def stop(self) -> None:
+        runner, self._runner = self._runner, None
+        if runner is None:
+            return
+        for task in [*self._tasks, *self._pending_loads.values()]:
+            task.cancel()
+        await runner.cleanup()
+
+    def set_fault(self, kind: str | None, rate: float = 1.0, after_chunks: int = 2) -> None:
+        if kind is not None and kind not in _MOCK_FAULTS:
+            raise ValueError(f"fault kind must be None or one of {', '.join(_MOCK_FAULTS)}, not {kind!r}")
+        if not 0.0 <= rate <= 1.0 or after_chunks < 0:
+            raise ValueError("fault rate must be within [0, 1] and after_chunks >= 0")
+        self._fault, self._fault_rate, self._fault_after = kind, rate, after_chunks
+        # Re-seeding on every change makes a given fault setting pick the same requests on every run.
+        self._fault_rng = random.Random(f"{self._seed}:faults:{kind}:{rate}")
+
+    def set_token(self, token: str | None) -> None:
+        self._token = token
+
+    def loaded_ids(self) -> list[str]:
+        return [inst.id for inst in self._instances]
+
+    # ---- routing -----------------------------------------------------------------------------------------
+
+    def _add(
+        self,
+        method: str,
+        path: str,
+        handler: _MockHandler,
+        *,
+        errors: str = "openai",
+        inference: bool = False,
+        fingerprint: str = "",
+        extras: str = "",
+        prefix: bool = False,
+    ) -> None:
+        route = _MockRoute(handler, errors, inference, fingerprint, extras)
+        if prefix:
+            self._prefix_routes.append((method, path, route))
+        else:
+            self._routes[(method, path)] = route
+
+    def _lmstudio_routes(self) -> None:
+        self._add("GET", "/lmstudio-greeting", self._greeting)
+        self._add("GET", "/v1/models", self._lms_openai_models)
+        self._add("POST", "/v1/chat/completions", self._chat_completions, inference=True, extras="v1")
+        self._add("POST", "/v1/completions", self._completions, inference=True, extras="v1")
+        self._add("POST", "/v1/embeddings", self._embeddings, inference=True)
+        if self._version >= (0, 3, 29):
+            self._add("POST", "/v1/responses", self._responses, inference=True)
+        if self._version >= (0, 4, 1):
+            self._add("POST", "/v1/messages", self._messages, inference=True)
+        if self._version >= (0, 3, 6):
+            self._v0_routes()
+        if self._version >= (0, 4, 0):
+            self._v1_native_routes()
+
+    def _v0_routes(self) -> None:
+        self._add("GET", "/api/v0/models", self._v0_models)
+        self._add("GET", "/api/v0/models/", self._v0_model, prefix=True)
+        self._add("POST", "/api/v0/chat/completions", self._chat_completions, inference=True, extras="v0")
+        self._add("POST", "/api/v0/completions", self._completions, inference=True, extras="v0")
+        self._add("POST", "/api/v0/embeddings", self._embeddings, inference=True, extras="v0")
+
+    def _v1_native_routes(self) -> None:
+        self._add("GET", "/api/v1/models", self._v1_models, errors="lms_v1")
+        self._add("POST", "/api/v1/models/load", self._v1_load, errors="lms_v1")
+        self._add("POST", "/api/v1/models/unload", self._v1_unload, errors="lms_v1")
+        self._add("POST", "/api/v1/chat", self._v1_chat, errors="lms_v1", inference=True)
+
+    def _ollama_routes(self) -> None:
+        for method in ("GET", "HEAD"):
+            self._add(method, "/", self._ollama_root, errors="ollama")
+            self._add(method, "/api/version", self._ollama_version, errors="ollama")
+            self._add(method, "/api/tags", self._ollama_tags, errors="ollama")
+        self._add("GET", "/api/ps", self._ollama_ps, errors="ollama")
+        self._add("POST", "/api/show", self._ollama_show, errors="ollama")
+        self._add("POST", "/api/chat", self._ollama_chat, errors="ollama", inference=True)
+        self._add("POST", "/api/generate", self._ollama_generate, errors="ollama", inference=True)
+        self._add("POST", "/api/embed", self._ollama_embed, errors="ollama", inference=True)
+        self._add("POST", "/api/embeddings", self._ollama_embeddings_legacy, errors="ollama", inference=True)
+        self._add("GET", "/v1/models", self._ollama_openai_models, errors="ollama_openai")
+        self._add("GET", "/v1/models/", self._ollama_openai_model, errors="ollama_openai", prefix=True)
+        for path, handler in (
+            ("/v1/chat/completions", self._chat_completions),
+            ("/v1/completions", self._completions),
+        ):
+            self._add("POST", path, handler, errors="ollama_openai", inference=True, fingerprint="fp_ollama")
+        self._add("POST", "/v1/embeddings", self._embeddings, errors="ollama_openai", inference=True)
+
+    def _openai_routes(self) -> None:
+        self._add("GET", "/health", self._llama_health, errors="llama")
+        self._add("GET", "/v1/models", self._llama_models, errors="llama")
+        for path, handler in (
+            ("/v1/chat/completions", self._chat_completions),
+            ("/v1/completions", self._completions),
+        ):
+            self._add(
+                "POST", path, handler, errors="llama", inference=True, fingerprint=_MOCK_LLAMA_FINGERPRINT
+            )
+        self._add("POST", "/v1/embeddings", self._embeddings, errors="llama", inference=True)
+
+    def _match(self, method: str, path: str) -> _MockRoute | None:
+        route = self._routes.get((method, path))
+        if route is not None:
+            return route
+        for route_method, prefix, candidate in self._prefix_routes:
+            if method == route_method and path.startswith(prefix) and len(path) > len(prefix):
+                return candidate
+        return None
+
+    def _path_known(self, path: str) -> bool:
+        return any(p == path for _, p in self._routes) or any(
+            path.startswith(prefix) for _, prefix, _ in self._prefix_routes
+        )
+
+    # ---- request pipeline --------------------------------------------------------------------------------
+
+    async def _dispatch(self, request: web.Request) -> web.StreamResponse:
+        task = asyncio.current_task()
+        if task is not None:
+            self._tasks.add(task)
+        try:
+            return await self._handle(request)
+        except (_MockAbort, ConnectionError):
+            return await self._await_disconnect()
+        finally:
+            if task is not None:
+                self._tasks.discard(task)
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        body, data, json_error = await self._record(request)
+        if self._is_stale(request):
+            return await self._drop_stale(request)
+        denied = self._auth_denied(request)
+        if denied is not None:
+            return denied
+        route = self._match(request.method, request.path)
+        if route is None:
+            return self._unknown_route(request)
+        call = _MockCall(request, body, data, json_error, route)
+        try:
+            if route.inference:
+                await self._inject_fault(call)
+            return await route.handler(call)
+        except _MockHTTPError as err:
+            return self._render_error(err, route.errors)
+
+    async def _record(self, request: web.Request) -> tuple[bytes, Any, str | None]:
+        body = await request.read()
+        data: Any = None
+        json_error: str | None = None
+        if body:
+            try:
+                data = json.loads(body)
+            except (ValueError, RecursionError) as exc:
+                json_error = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+        headers = {k.lower(): v for k, v in request.headers.items()}
+        self.received.append(
+            Received(
+                request.method, request.path, request.query_string, headers, body, data, time.monotonic()
+            )
+        )
+        self.stats.requests += 1
+        return body, data, json_error
+
+    async def _await_disconnect(self) -> web.StreamResponse:
+        # The transport is already gone; aiohttp cancels this handler as soon as it notices, which ends the
+        # request quietly (raising the ConnectionError instead would be logged as a server error).
+        await asyncio.sleep(_MOCK_DISCONNECT_GRACE)
+        return web.Response(status=499)
+
+    def _is_stale(self, request: web.Request) -> bool:
+        transport = request.transport
+        if not self._close_after_response or transport is None:
+            return False
+        if transport in self._seen_transports:
+            return True
+        self._seen_transports.add(transport)
+        return False
+
+    async def _drop_stale(self, request: web.Request) -> web.StreamResponse:
+        # Emulates a server that closed this keep-alive connection after the previous response without a
+        # "Connection: close" header: the client only learns it when its next request gets no answer.
+        self.stats.stale_drops += 1
+        if request.transport is not None:
+            request.transport.close()
+        return await self._await_disconnect()
+
+    async def _tag_express(self, request: web.Request, response: web.StreamResponse) -> None:
+        response.headers.setdefault("X-Powered-By", "Express")
+
+    def _unknown_route(self, request: web.Request) -> web.Response:
+        if self.flavor == "ollama":
+            if self._path_known(request.path):
+                return web.Response(status=405, text="405 method not allowed", content_type="text/plain")
+            return web.Response(status=404, text="404 page not found", content_type="text/plain")
+        if self.flavor == "openai":
+            return _mock_json(
+                {"error": {"code": 404, "message": "File Not Found", "type": "not_found_error"}}, 404
+            )
+        # LM Studio answers every unknown route or method with HTTP 200 and an error string.
+        return _mock_json({"error": f"Unexpected endpoint or method. ({request.method} {request.path})"})
+
+    def _render_error(self, err: _MockHTTPError, style: str) -> web.Response:
+        if style == "lms_v1":
+            return _mock_json({"error": {"type": err.v1_type, "message": err.message}}, err.status)
+        if style == "ollama":
+            return _mock_json({"error": err.message}, err.status)
+        if style == "llama":
+            kind = {404: "not_found_error", 503: "unavailable_error"}.get(err.status, err.kind)
+            kind = "server_error" if err.status == 500 else kind
+            return _mock_json(
+                {"error": {"code": err.status, "message": err.message, "type": kind}}, err.status
+            )
+        if style == "ollama_openai":
+            kind = {400: "invalid_request_error", 404: "not_found_error"}.get(err.status, "api_error")
+            body = {"message": err.message, "type": kind, "param": None, "code": None}
+            return _mock_json({"error": body}, err.status)
+        body = {"message": err.message, "type": err.kind, "param": err.param, "code": err.code}
+        return _mock_json({"error": body}, err.status)
+
+    # ---- auth (LM Studio 0.4+) ---------------------------------------------------------------------------
+
+    def _auth_denied(self, request: web.Request) -> web.Response | None:
+        if self.flavor != "lmstudio" or self._token is None or self._version < (0, 4, 0):
+            return None
+        # The greeting stays open: probes identify the node before they know whether a token is needed.
+        if request.path == "/lmstudio-greeting":
+            return None
+        presented = self._presented_tokens(request)
+        if any(hmac.compare_digest(t.encode(), self._token.encode()) for t in presented):
+            return None
+        message = self._auth_message(presented[0] if presented else None)
+        return _mock_json(
+            {"error": {"type": "invalid_request", "code": "invalid_api_key", "message": message}}, 401
+        )
+
+    def _presented_tokens(self, request: web.Request) -> list[str]:
+        tokens: list[str] = []
+        scheme, _, value = request.headers.get("Authorization", "").strip().partition(" ")
+        if scheme.lower() == "bearer" and value.strip():
+            tokens.append(value.strip())
+        api_key = request.headers.get("x-api-key", "").strip()
+        if request.path == "/v1/messages" and api_key:
+            tokens.append(api_key)
+        return tokens
+
+    @staticmethod
+    def _auth_message(presented: str | None) -> str:
+        if presented is None:
+            return _MOCK_AUTH_MISSING
+        if not _MOCK_TOKEN_RE.fullmatch(presented):
+            return (
+                f"Malformed LM Studio API token provided: {presented[:6]}... "
+                "Ensure you are using a valid token."
+            )
+        return "Invalid LM Studio API token provided."
+
+    # ---- fault injection ---------------------------------------------------------------------------------
+
+    async def _inject_fault(self, call: _MockCall) -> None:
+        if self._fault is None or self._fault_rng.random() >= self._fault_rate:
+            return
+        self.stats.faults_injected += 1
+        if self._fault == "stall":
+            # Never answer; aiohttp cancels this wait when the client gives up, stop() cancels it too.
+            await asyncio.Event().wait()
+        if self._fault == "midstream":
+            call.abort_after = self._fault_after
+            return
+        messages = _MOCK_OLLAMA_FAULT_MESSAGES if call.route.errors == "ollama" else _MOCK_FAULT_MESSAGES
+        kind = {"500": "server_error", "503": "server_error", "429": "rate_limit_error"}[self._fault]
+        raise _MockHTTPError(int(self._fault), messages[self._fault], kind=kind)
+
+    # ---- model registry ----------------------------------------------------------------------------------
+
+    def _model_by_key(self, name: str) -> MockModel | None:
+        for model in self.models:
+            candidates = {model.id, _mock_variant(model)}
+            if self.flavor == "ollama":
+                candidates |= {f"{model.id}:latest", model.id.removesuffix(":latest")}
+            if name in candidates or name.lower() == _mock_variant(model).lower():
+                return model
+        return None
+
+    def _instance_by_id(self, instance_id: str) -> _MockInstance | None:
+        return next((inst for inst in self._instances if inst.id == instance_id), None)
+
+    def _instances_of(self, model: MockModel) -> list[_MockInstance]:
+        return [inst for inst in self._instances if inst.model is model]
+
+    def _least_busy(self, model: MockModel) -> _MockInstance | None:
+        instances = self._instances_of(model)
+        return min(instances, key=lambda i: i.active + i.waiting) if instances else None
+
+    def _add_instance(
+        self, model: MockModel, context_length: int, *, jit: bool, count: bool = True
+    ) -> _MockInstance:
+        taken = {inst.id for inst in self._instances}
+        instance_id = model.id
+        suffix = 2
+        while instance_id in taken:
+            instance_id = f"{model.id}:{suffix}"
+            suffix += 1
+        inst = _MockInstance(instance_id, model, context_length, jit, asyncio.Semaphore(model.parallel))
+        self._instances.append(inst)
+        if count:
+            self.stats.loads += 1
+            self.stats.load_log.append(model.id)
+        return inst
+
+    def _unload(self, inst: _MockInstance) -> None:
+        if inst in self._instances:
+            self._instances.remove(inst)
+            self.stats.unloads += 1
+
+    def _resolve(self, name: Any, purpose: str) -> _MockTarget:
+        """Map a request's model name to a model and, when resident, the instance that will serve it."""
+        if not isinstance(name, str) or not name:
+            return self._default_target(purpose)
+        # A model key goes to its least busy instance; only a name that is no key pins one instance (":2").
+        model = self._model_by_key(name)
+        inst = None if model is not None else self._instance_by_id(name)
+        model = inst.model if inst is not None else model
+        if model is None:
+            raise self._unknown_model(name)
+        self._check_purpose(model, name, purpose)
+        if inst is None:
+            inst = self._least_busy(model)
+        if inst is None and self.flavor == "lmstudio" and not self._jit:
+            raise self._unknown_model(name)
+        return _MockTarget(model, inst)
+
+    def _default_target(self, purpose: str) -> _MockTarget:
+        if self.flavor == "ollama":
+            raise _MockHTTPError(400, "model is required", param="model")
+        # LM Studio (like llama-server) answers a request without a model with whatever is resident.
+        for inst in self._instances:
+            if inst.model.is_embedding == (purpose == "embedding"):
+                return _MockTarget(inst.model, inst)
+        raise _MockHTTPError(400, _MOCK_NO_MODELS, param="model")
+
+    def _unknown_model(self, name: str) -> _MockHTTPError:
+        if self.flavor != "lmstudio":
+            return _MockHTTPError(
+                404, f"model '{name}' not found", kind="not_found_error", code="model_not_found"
+            )
+        known = [m.id for m in self.models] if self._jit else self.loaded_ids()
+        if not known:
+            return _MockHTTPError(400, _MOCK_NO_MODELS, param="model")
+        examples = ", ".join(known)
+        message = (
+            f'Invalid model identifier "{name}". Please specify a valid downloaded model (e.g., {examples}).'
+        )
+        return _MockHTTPError(400, message, param="model", code="model_not_found")
+
+    def _check_purpose(self, model: MockModel, name: str, purpose: str) -> None:
+        if model.is_embedding == (purpose == "embedding"):
+            return
+        if self.flavor == "ollama":
+            action = {"chat": "chat", "generate": "generate"}.get(purpose, "embeddings")
+            raise _MockHTTPError(400, f'"{name}" does not support {action}')
+        if purpose == "embedding":
+            message = (
+                f'Model "{name}" is not an embedding model; load an embedding model to create embeddings.'
+            )
+        else:
+            message = f'Model "{name}" is an embedding model and cannot generate text; use /v1/embeddings.'
+        raise _MockHTTPError(400, message, param="model", code="model_not_supported")
+
+    async def _ensure_instance(self, target: _MockTarget) -> tuple[_MockInstance, float | None]:
+        """Return the serving instance, JIT-loading the model first when needed (one load per model even
+        when several requests arrive during it). The second value is the load time this request waited."""
+        if target.instance is not None:
+            target.instance.last_used = time.time()
+            return target.instance, None
+        key = target.model.id
+        pending = self._pending_loads.get(key)
+        if pending is None:
+            pending = asyncio.ensure_future(self._jit_load(target.model))
+            self._pending_loads[key] = pending
+            pending.add_done_callback(lambda _: self._pending_loads.pop(key, None))
+        started = time.monotonic()
+        inst = await asyncio.shield(pending)
+        return inst, time.monotonic() - started
+
+    async def _jit_load(self, model: MockModel) -> _MockInstance:
+        if self.flavor == "lmstudio" and self._auto_evict:
+            for inst in [i for i in self._instances if i.jit and i.model is not model]:
+                self._unload(inst)
+        await asyncio.sleep(self._load_delay)
+        return self._add_instance(model, model.context_length, jit=True)
+
+    # ---- generation engine -------------------------------------------------------------------------------
+
+    def _sampling(self, max_tokens: Any, temperature: Any, seed: Any) -> _MockSampling:
+        return _MockSampling(_mock_int(max_tokens), _mock_float(temperature), _mock_int(seed))
+
+    def _plan(
+        self, model: MockModel, turns: Any, prompt_tokens: int, sampling: _MockSampling, tools: Any = None
+    ) -> _MockPlan:
+        tool = _mock_tool_call(tools, turns, self._new_id("call_", 12)) if tools else None
+        if tool is not None:
+            args = tool["arguments"]
+            middle = len(args) // 2
+            return _MockPlan(["", args[:middle], args[middle:]], "tool_calls", prompt_tokens, tool)
+        count, finish = self._completion_length(sampling.max_tokens)
+        rng = random.Random(self._sampling_seed(model, turns, sampling))
+        return _MockPlan(_mock_sentence(rng, count, finish == "stop"), finish, prompt_tokens)
+
+    def _completion_length(self, max_tokens: int | None) -> tuple[int, str]:
+        # The "model" would naturally stop after completion_tokens words; max_tokens can only cut it short.
+        if max_tokens is not None and 0 < max_tokens <= self._completion_tokens:
+            return max_tokens, "length"
+        return self._completion_tokens, "stop"
+
+    def _sampling_seed(self, model: MockModel, material: Any, sampling: _MockSampling) -> int:
+        nonce: int | None = None
+        if sampling.temperature != 0 and sampling.seed is None:
+            self._nonce += 1
+            nonce = self._nonce
+        blob = json.dumps([model.id, material, self._seed, sampling.seed, nonce], sort_keys=True)
+        return int.from_bytes(hashlib.sha256(blob.encode()).digest()[:8], "big")
+
+    async def _generate(
+        self, inst: _MockInstance, plan: _MockPlan, emit: _MockEmit | None = None
+    ) -> _MockTiming:
+        """Run one generation in a parallel slot of `inst` (queueing when all are busy)."""
+        self.stats.queued_generations += 1
+        inst.waiting += 1
+        try:
+            await inst.slots.acquire()
+        finally:
+            self.stats.queued_generations -= 1
+            inst.waiting -= 1
+        try:
+            return await self._produce(inst, plan, emit)
+        finally:
+            inst.slots.release()
+
+    async def _produce(self, inst: _MockInstance, plan: _MockPlan, emit: _MockEmit | None) -> _MockTiming:
+        stats = self.stats
+        stats.generations_started += 1
+        stats.active_generations += 1
+        stats.peak_active_generations = max(stats.peak_active_generations, stats.active_generations)
+        stats.prompt_tokens_total += plan.prompt_tokens
+        inst.active += 1
+        started = time.perf_counter()
+        first: float | None = None
+        try:
+            for index, piece in enumerate(plan.pieces):
+                await self._pace()
+                stats.tokens_generated += 1
+                first = first if first is not None else time.perf_counter() - started
+                if emit is not None:
+                    await emit(index, piece)
+        except BaseException:
+            stats.generations_cancelled += 1
+            raise
+        finally:
+            stats.active_generations -= 1
+            inst.active -= 1
+            inst.last_used = time.time()
+        stats.generations_finished += 1
+        stats.completion_tokens_total += plan.completion_tokens
+        return _MockTiming(first or 0.0, time.perf_counter() - started)
+
+    async def _pace(self) -> None:
+        # Even at full speed yield once per token, so a disconnect or a queued request gets its turn.
+        await asyncio.sleep(1.0 / self._tps if self._tps > 0 else 0)
+
+    def _new_id(self, prefix: str, length: int = 24) -> str:
+        self._id_counter += 1
+        digest = hashlib.sha256(f"{self._seed}:{self._id_counter}:{prefix}".encode()).hexdigest()
+        return prefix + digest[:length]
+
+    def _fingerprint(self, call: _MockCall, inst: _MockInstance) -> str:
+        return call.route.fingerprint or inst.id
+
+    # ---- LM Studio catalogue routes ----------------------------------------------------------------------
+
+    async def _greeting(self, call: _MockCall) -> web.StreamResponse:
+        return _mock_json({"lmstudio": True, "version": self.version})
+
+    def _visible_models(self) -> list[MockModel]:
+        # With JIT on every downloaded model is offered; with it off only the resident ones.
+        return [m for m in self.models if self._jit or self._instances_of(m)]
+
+    async def _lms_openai_models(self, call: _MockCall) -> web.StreamResponse:
+        ids: list[str] = []
+        for model in self.models:
+            instances = [inst.id for inst in self._instances_of(model)]
+            if self._jit:
+                ids += [model.id, *(i for i in instances if i != model.id)]
+            else:
+                ids += instances
+        data = [{"id": i, "object": "model", "owned_by": "organization_owner"} for i in ids]
+        return _mock_json({"data": data, "object": "list"})
+
+    def _v0_entry(self, model: MockModel) -> dict[str, Any]:
+        instances = self._instances_of(model)
+        entry: dict[str, Any] = {
+            "id": model.id,
+            "object": "model",
+            "type": "embeddings" if model.is_embedding else model.type,
+            "publisher": model.publisher,
+            "arch": model.arch,
+            "compatibility_type": model.format,
+            "quantization": model.quantization,
+            "state": "loaded" if instances else "not-loaded",
+            "max_context_length": model.max_context_length,
+        }
+        if instances:
+            entry["loaded_context_length"] = instances[0].context_length
+        if model.tools:
+            entry["capabilities"] = ["tool_use"]
+        return entry
+
+    async def _v0_models(self, call: _MockCall) -> web.StreamResponse:
+        return _mock_json({"object": "list", "data": [self._v0_entry(m) for m in self._visible_models()]})
+
+    async def _v0_model(self, call: _MockCall) -> web.StreamResponse:
+        name = call.request.path.removeprefix("/api/v0/models/")
+        inst = self._instance_by_id(name)
+        model = inst.model if inst is not None else self._model_by_key(name)
+        if model is None:
+            raise _MockHTTPError(404, f'Model "{name}" not found.', param="model", code="model_not_found")
+        return _mock_json(self._v0_entry(model))
+
+    def _v1_instance(self, inst: _MockInstance) -> dict[str, Any]:
+        if inst.model.is_embedding:
+            return {"id": inst.id, "config": {"context_length": inst.context_length}}
+        config = {
+            "context_length": inst.context_length,
+            "eval_batch_size": 512,
+            "parallel": inst.model.parallel,
+            "flash_attention": True,
+        }
+        return {"id": inst.id, "config": config}
+
+    def _v1_entry(self, model: MockModel) -> dict[str, Any]:
+        entry: dict[str, Any] = {
+            "type": "embedding" if model.is_embedding else "llm",
+            "publisher": model.publisher,
+            "key": model.id,
+            "display_name": _mock_display_name(model),
+        }
+        if not model.is_embedding:
+            entry["architecture"] = model.arch
+        entry |= {
+            "quantization": {"name": model.quantization, "bits_per_weight": _mock_bits(model.quantization)},
+            "size_bytes": model.size_bytes,
+            "params_string": _mock_params_string(model),
+            "loaded_instances": [self._v1_instance(i) for i in self._instances_of(model)],
+            "max_context_length": model.max_context_length,
+            "format": model.format,
+        }
+        if not model.is_embedding:
+            entry["capabilities"] = self._v1_capabilities(model)
+        variant = _mock_variant(model)
+        return entry | {"description": None, "variants": [variant], "selected_variant": variant}
+
+    @staticmethod
+    def _v1_capabilities(model: MockModel) -> dict[str, Any]:
+        capabilities: dict[str, Any] = {"vision": model.vision, "trained_for_tool_use": model.tools}
+        if model.reasoning:
+            capabilities["reasoning"] = {"allowed_options": ["off", "on"], "default": "on"}
+        return capabilities
+
+    async def _v1_models(self, call: _MockCall) -> web.StreamResponse:
+        return _mock_json({"models": [self._v1_entry(m) for m in self.models]})
+
+    # ---- LM Studio load / unload -------------------------------------------------------------------------
+
+    @staticmethod
+    def _reject_unknown_keys(body: dict[str, Any], allowed: Iterable[str]) -> None:
+        unknown = [key for key in body if key not in set(allowed)]
+        if unknown:
+            listed = ", ".join(f"'{key}'" for key in unknown)
+            raise _MockHTTPError(400, f"Unrecognized key(s) in object: {listed}")
+
+    async def _v1_load(self, call: _MockCall) -> web.StreamResponse:
+        body = call.payload()
+        self._reject_unknown_keys(body, _MOCK_LOAD_KEYS)
+        key = body.get("model")
+        if not isinstance(key, str) or not key:
+            raise _MockHTTPError(400, "'model' is required and must be a string.")
+        model = self._model_by_key(key)
+        if model is None:
+            raise _MockHTTPError(404, f'Model "{key}" not found.', v1_type="model_not_found")
+        context = self._load_context(model, body.get("context_length"))
+        started = time.monotonic()
+        # Explicit loads never auto-evict: that rule only covers JIT loads.
+        await asyncio.sleep(self._load_delay)
+        inst = self._add_instance(model, context, jit=False)
+        result: dict[str, Any] = {
+            "type": "embedding" if model.is_embedding else "llm",
+            "instance_id": inst.id,
+            "load_time_seconds": round(time.monotonic() - started, 3),
+            "status": "loaded",
+        }
+        if body.get("echo_load_config") is True:
+            result["load_config"] = self._load_config(inst)
+        return _mock_json(result)
+
+    @staticmethod
+    def _load_context(model: MockModel, requested: Any) -> int:
+        if requested is None:
+            return model.context_length
+        value = _mock_int(requested)
+        if value is None or not 0 < value <= model.max_context_length:
+            limit = model.max_context_length
+            raise _MockHTTPError(400, f"'context_length' must be an integer between 1 and {limit}.")
+        return value
+
+    @staticmethod
+    def _load_config(inst: _MockInstance) -> dict[str, Any]:
+        if inst.model.is_embedding:
+            return {"context_length": inst.context_length}
+        return {
+            "context_length": inst.context_length,
+            "eval_batch_size": 512,
+            "flash_attention": True,
+            "offload_kv_cache_to_gpu": True,
+        }
+
+    async def _v1_unload(self, call: _MockCall) -> web.StreamResponse:
+        body = call.payload()
+        self._reject_unknown_keys(body, ["instance_id"])
+        instance_id = body.get("instance_id")
+        inst = self._instance_by_id(instance_id) if isinstance(instance_id, str) else None
+        if inst is None:
+            raise _MockHTTPError(404, f'No loaded model instance "{instance_id}".', v1_type="model_not_found")
+        self._unload(inst)
+        return _mock_json({"instance_id": inst.id})
+
+    # ---- OpenAI-compatible inference (all flavors) --------------------------------------------------------
+
+    def _check_response_format(self, body: dict[str, Any]) -> None:
+        fmt = body.get("response_format")
+        if (
+            self.flavor == "lmstudio"
+            and isinstance(fmt, dict)
+            and fmt.get("type") not in ("json_schema", "text")
+        ):
+            raise _MockHTTPError(400, "'response_format.type' must be 'json_schema' or 'text'")
+
+    async def _chat_completions(self, call: _MockCall) -> web.StreamResponse:
+        body = call.payload()
+        if "messages" not in body:
+            raise _MockHTTPError(400, "'messages' field is required.", param="messages")
+        turns = _mock_chat_turns(body["messages"])
+        self._check_response_format(body)
+        target = self._resolve(body.get("model"), "chat")
+        max_tokens = body.get("max_tokens", body.get("max_completion_tokens"))
+        sampling = self._sampling(max_tokens, body.get("temperature"), body.get("seed"))
+        plan = self._plan(target.model, turns, _mock_turn_tokens(turns), sampling, body.get("tools"))
+        inst, _ = await self._ensure_instance(target)
+        if body.get("stream") is True:
+            return await self._stream_chat(call, inst, plan, body)
+        timing = await self._generate(inst, plan)
+        return _mock_json(self._chat_body(call, inst, plan, timing))
+
+    def _chat_body(
+        self, call: _MockCall, inst: _MockInstance, plan: _MockPlan, timing: _MockTiming
+    ) -> dict[str, Any]:
+        message: dict[str, Any] = {"role": "assistant", "content": plan.text}
+        if plan.tool is not None:
+            message = {"role": "assistant", "content": None, "tool_calls": [self._tool_call_obj(plan)]}
+        body: dict[str, Any] = {
+            "id": self._new_id("chatcmpl-"),
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": inst.id,
+            "system_fingerprint": self._fingerprint(call, inst),
+            "choices": [{"index": 0, "logprobs": None, "finish_reason": plan.finish, "message": message}],
+            "usage": plan.usage(),
+        }
+        return body | self._route_extras(call, inst, plan, timing)
+
+    @staticmethod
+    def _tool_call_obj(plan: _MockPlan) -> dict[str, Any]:
+        tool = plan.tool or {}
+        function = {"name": tool.get("name", ""), "arguments": tool.get("arguments", "{}")}
+        return {"id": tool.get("id", ""), "type": "function", "function": function}
+
+    def _route_extras(
+        self, call: _MockCall, inst: _MockInstance, plan: _MockPlan, timing: _MockTiming
+    ) -> dict[str, Any]:
+        if call.route.extras == "v1":
+            return {"stats": {}}
+        if call.route.extras != "v0":
+            return {}
+        stats = {
+            "tokens_per_second": timing.tokens_per_second(plan.completion_tokens),
+            "time_to_first_token": round(timing.first_token, 3),
+            "generation_time": round(timing.generation, 3),
+            "stop_reason": _MOCK_STOP_REASONS[plan.finish],
+        }
+        return {"stats": stats} | self._v0_info(inst)
+
+    @staticmethod
+    def _v0_info(inst: _MockInstance) -> dict[str, Any]:
+        model = inst.model
+        info = {
+            "arch": model.arch,
+            "quant": model.quantization,
+            "format": model.format,
+            "context_length": inst.context_length,
+        }
+        return {"model_info": info, "runtime": _mock_runtime(model)}
+
+    @staticmethod
+    def _chat_delta(plan: _MockPlan, index: int, piece: str) -> dict[str, Any]:
+        if plan.tool is None:
+            return {"role": "assistant", "content": piece} if index == 0 else {"content": piece}
+        if index == 0:
+            function = {"name": plan.tool["name"], "arguments": ""}
+            head = {"index": 0, "id": plan.tool["id"], "type": "function", "function": function}
+            return {"role": "assistant", "tool_calls": [head]}
+        return {"tool_calls": [{"index": 0, "function": {"arguments": piece}}]}
+
+    async def _stream_chat(
+        self, call: _MockCall, inst: _MockInstance, plan: _MockPlan, body: dict[str, Any]
+    ) -> web.StreamResponse:
+        stream = _MockStream(call, "text/event-stream")
+        base = {
+            "id": self._new_id("chatcmpl-"),
+            "object": "chat.completion.chunk",
+            "created": int(time.time()),
+            "model": inst.id,
+            "system_fingerprint": self._fingerprint(call, inst),
+        }
+
+        async def emit(index: int, piece: str) -> None:
+            choice = {
+                "index": 0,
+                "delta": self._chat_delta(plan, index, piece),
+                "logprobs": None,
+                "finish_reason": None,
+            }
+            await stream.send(_mock_sse_data(base | {"choices": [choice]}))
+
+        await self._generate(inst, plan, emit)
+        final = {"index": 0, "delta": {}, "logprobs": None, "finish_reason": plan.finish}
+        await stream.send(_mock_sse_data(base | {"choices": [final]}))
+        return await self._finish_openai_stream(stream, base, plan, body)
+
+    async def _finish_openai_stream(
+        self, stream: _MockStream, base: dict[str, Any], plan: _MockPlan, body: dict[str, Any]
+    ) -> web.StreamResponse:
+        options = body.get("stream_options")
+        if isinstance(options, dict) and options.get("include_usage") is True:
+            await stream.send(_mock_sse_data(base | {"choices": [], "usage": plan.usage()}))
+        await stream.send("data: [DONE]\n\n")
+        return await stream.finish()
+
+    async def _completions(self, call: _MockCall) -> web.StreamResponse:
+        body = call.payload()
+        prompt = body.get("prompt")
+        if isinstance(prompt, list) and all(isinstance(p, str) for p in prompt):
+            prompt = "".join(prompt)
+        if not isinstance(prompt, str):
+            raise _MockHTTPError(400, "'prompt' must be a string.", param="prompt")
+        target = self._resolve(body.get("model"), "generate")
+        sampling = self._sampling(body.get("max_tokens"), body.get("temperature"), body.get("seed"))
+        plan = self._plan(target.model, prompt, _mock_word_count(prompt), sampling)
+        inst, _ = await self._ensure_instance(target)
+        if body.get("stream") is True:
+            return await self._stream_completion(call, inst, plan, body)
+        timing = await self._generate(inst, plan)
+        choice = {"index": 0, "text": plan.text, "logprobs": None, "finish_reason": plan.finish}
+        result = self._completion_base(call, inst) | {"choices": [choice], "usage": plan.usage()}
+        return _mock_json(result | self._route_extras(call, inst, plan, timing))
+
+    def _completion_base(self, call: _MockCall, inst: _MockInstance) -> dict[str, Any]:
+        return {
+            "id": self._new_id("cmpl-"),
+            "object": "text_completion",
+            "created": int(time.time()),
+            "model": inst.id,
+            "system_fingerprint": self._fingerprint(call, inst),
+        }
+
+    async def _stream_completion(
+        self, call: _MockCall, inst: _MockInstance, plan: _MockPlan, body: dict[str, Any]
+    ) -> web.StreamResponse:
+        stream = _MockStream(call, "text/event-stream")
+        base = self._completion_base(call, inst)
+
+        async def emit(index: int, piece: str) -> None:
+            choice = {"index": 0, "text": piece, "logprobs": None, "finish_reason": None}
+            await stream.send(_mock_sse_data(base | {"choices": [choice]}))
+
+        await self._generate(inst, plan, emit)
+        final = {"index": 0, "text": "", "logprobs": None, "finish_reason": plan.finish}
+        await stream.send(_mock_sse_data(base | {"choices": [final]}))
+        return await self._finish_openai_stream(stream, base, plan, body)
+
+    async def _embeddings(self, call: _MockCall) -> web.StreamResponse:
+        body = call.payload()
+        texts = _mock_embedding_inputs(body.get("input"))
+        target = self._resolve(body.get("model"), "embedding")
+        inst, _ = await self._ensure_instance(target)
+        await self._pace()
+        tokens = sum(_mock_word_count(t) for t in texts)
+        data = [
+            {"object": "embedding", "embedding": _mock_embedding(t), "index": i} for i, t in enumerate(texts)
+        ]
+        result = {
+            "object": "list",
+            "data": data,
+            "model": inst.id,
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+        }
+        if call.route.extras == "v0":
+            result |= self._v0_info(inst)
+        return _mock_json(result)
+
+    # ---- stored conversations (/v1/responses and /api/v1/chat) -------------------------------------------
+
+    def _history(self, previous: Any) -> list[tuple[str, str]]:
+        if previous is None:
+            return []
+        if not isinstance(previous, str) or previous not in self._stored_responses:
+            raise _MockHTTPError(
+                404,
+                f"Previous response with id '{previous}' not found.",
+                param="previous_response_id",
+                code="previous_response_not_found",
+            )
+        return list(self._stored_responses[previous])
+
+    def _remember(self, response_id: str, turns: list[tuple[str, str]], plan: _MockPlan) -> None:
+        self._stored_responses[response_id] = [*turns, ("assistant", plan.text)]
+        while len(self._stored_responses) > _MOCK_STORED_RESPONSES:
+            self._stored_responses.pop(next(iter(self._stored_responses)))
+
+    # ---- /v1/responses -----------------------------------------------------------------------------------
+
+    async def _responses(self, call: _MockCall) -> web.StreamResponse:
+        body = call.payload()
+        turns = self._history(body.get("previous_response_id")) + _mock_response_turns(body)
+        target = self._resolve(body.get("model"), "chat")
+        sampling = self._sampling(body.get("max_output_tokens"), body.get("temperature"), body.get("seed"))
+        plan = self._plan(target.model, turns, _mock_turn_tokens(turns), sampling)
+        inst, _ = await self._ensure_instance(target)
+        response_id = self._new_id("resp_", 32)
+        if body.get("stream") is True:
+            return await self._stream_response(call, inst, plan, body, response_id, turns)
+        await self._generate(inst, plan)
+        if body.get("store", True) is not False:
+            self._remember(response_id, turns, plan)
+        message_id = self._new_id("msg_", 32)
+        return _mock_json(
+            self._response_object(response_id, inst, plan, body, [self._response_item(message_id, plan)])
+        )
+
+    @staticmethod
+    def _response_item(message_id: str, plan: _MockPlan | None) -> dict[str, Any]:
+        if plan is None:
+            return {
+                "id": message_id,
+                "type": "message",
+                "status": "in_progress",
+                "role": "assistant",
+                "content": [],
+            }
+        part = {"type": "output_text", "text": plan.text, "annotations": [], "logprobs": []}
+        return {
+            "id": message_id,
+            "type": "message",
+            "status": "completed",
+            "role": "assistant",
+            "content": [part],
+        }
+
+    @staticmethod
+    def _response_object(
+        response_id: str,
+        inst: _MockInstance,
+        plan: _MockPlan | None,
+        body: dict[str, Any],
+        output: list[dict[str, Any]],
+    ) -> dict[str, Any]:
+        usage = None
+        if plan is not None:
+            usage = {
+                "input_tokens": plan.prompt_tokens,
+                "input_tokens_details": {"cached_tokens": 0},
+                "output_tokens": plan.completion_tokens,
+                "output_tokens_details": {"reasoning_tokens": 0},
+                "total_tokens": plan.prompt_tokens + plan.completion_tokens,
+            }
+        return {
+            "id": response_id,
+            "object": "response",
+            "created_at": int(time.time()),
+            "status": "completed" if plan is not None else "in_progress",
+            "error": None,
+            "incomplete_details": None,
+            "instructions": body.get("instructions"),
+            "max_output_tokens": body.get("max_output_tokens"),
+            "model": inst.id,
+            "output": output,
+            "parallel_tool_calls": True,
+            "previous_response_id": body.get("previous_response_id"),
+            "store": body.get("store", True) is not False,
+            "temperature": body.get("temperature"),
+            "text": {"format": {"type": "text"}},
+            "tool_choice": "auto",
+            "tools": [],
+            "top_p": body.get("top_p"),
+            "truncation": "disabled",
+            "usage": usage,
+            "metadata": {},
+        }
+
+    async def _stream_response(
+        self,
+        call: _MockCall,
+        inst: _MockInstance,
+        plan: _MockPlan,
+        body: dict[str, Any],
+        response_id: str,
+        turns: list[tuple[str, str]],
+    ) -> web.StreamResponse:
+        stream = _MockStream(call, "text/event-stream")
+        sequence = iter(range(1_000_000))
+        message_id = self._new_id("msg_", 32)
+        where = {"item_id": message_id, "output_index": 0, "content_index": 0}
+
+        async def send(kind: str, payload: dict[str, Any]) -> None:
+            await stream.send(
+                _mock_sse_event(kind, {"type": kind, "sequence_number": next(sequence)} | payload)
+            )
+
+        async def emit(index: int, piece: str) -> None:
+            await send("response.output_text.delta", where | {"delta": piece, "logprobs": []})
+
+        await self._open_response_stream(send, response_id, inst, body, message_id)
+        await self._generate(inst, plan, emit)
+        await self._close_response_stream(send, response_id, inst, plan, body, message_id)
+        if body.get("store", True) is not False:
+            self._remember(response_id, turns, plan)
+        return await stream.finish()
+
+    async def _open_response_stream(
+        self,
+        send: Callable[[str, dict[str, Any]], Awaitable[None]],
+        response_id: str,
+        inst: _MockInstance,
+        body: dict[str, Any],
+        message_id: str,
+    ) -> None:
+        pending = self._response_object(response_id, inst, None, body, [])
+        await send("response.created", {"response": pending})
+        await send("response.in_progress", {"response": pending})
+        await send(
+            "response.output_item.added", {"output_index": 0, "item": self._response_item(message_id, None)}
+        )
+        part = {"type": "output_text", "text": "", "annotations": []}
+        await send(
+            "response.content_part.added",
+            {"item_id": message_id, "output_index": 0, "content_index": 0, "part": part},
+        )
+
+    async def _close_response_stream(
+        self,
+        send: Callable[[str, dict[str, Any]], Awaitable[None]],
+        response_id: str,
+        inst: _MockInstance,
+        plan: _MockPlan,
+        body: dict[str, Any],
+        message_id: str,
+    ) -> None:
+        where = {"item_id": message_id, "output_index": 0, "content_index": 0}
+        item = self._response_item(message_id, plan)
+        await send("response.output_text.done", where | {"text": plan.text, "logprobs": []})
+        await send("response.content_part.done", where | {"part": item["content"][0]})
+        await send("response.output_item.done", {"output_index": 0, "item": item})
+        await send(
+            "response.completed", {"response": self._response_object(response_id, inst, plan, body, [item])}
+        )
+
+    # ---- /v1/messages (Anthropic-compatible) ---------------------------------------------------------------
+
+    async def _messages(self, call: _MockCall) -> web.StreamResponse:
+        body = call.payload()
+        if "messages" not in body:
+            raise _MockHTTPError(400, "'messages' field is required.", param="messages")
+        turns = _mock_system_turns(body.get("system")) + _mock_chat_turns(body["messages"])
+        target = self._resolve(body.get("model"), "chat")
+        sampling = self._sampling(body.get("max_tokens"), body.get("temperature"), None)
+        plan = self._plan(target.model, turns, _mock_turn_tokens(turns), sampling)
+        inst, _ = await self._ensure_instance(target)
+        message_id = self._new_id("msg_", 24)
+        if body.get("stream") is True:
+            return await self._stream_message(call, inst, plan, message_id)
+        await self._generate(inst, plan)
+        return _mock_json(self._message_object(message_id, inst, plan, done=True))
+
+    @staticmethod
+    def _message_object(
+        message_id: str, inst: _MockInstance, plan: _MockPlan, *, done: bool
+    ) -> dict[str, Any]:
+        stop_reason = ("max_tokens" if plan.finish == "length" else "end_turn") if done else None
+        return {
+            "id": message_id,
+            "type": "message",
+            "role": "assistant",
+            "model": inst.id,
+            "content": [{"type": "text", "text": plan.text}] if done else [],
+            "stop_reason": stop_reason,
+            "stop_sequence": None,
+            "usage": {
+                "input_tokens": plan.prompt_tokens,
+                "output_tokens": plan.completion_tokens if done else 0,
+            },
+        }
+
+    async def _stream_message(
+        self, call: _MockCall, inst: _MockInstance, plan: _MockPlan, message_id: str
+    ) -> web.StreamResponse:
+        stream = _MockStream(call, "text/event-stream")
+
+        async def send(kind: str, payload: dict[str, Any]) -> None:
+            await stream.send(_mock_sse_event(kind, {"type": kind} | payload))
+
+        async def emit(index: int, piece: str) -> None:
+            await send("content_block_delta", {"index": 0, "delta": {"type": "text_delta", "text": piece}})
+
+        await send("message_start", {"message": self._message_object(message_id, inst, plan, done=False)})
+        await send("content_block_start", {"index": 0, "content_block": {"type": "text", "text": ""}})
+        await send("ping", {})
+        await self._generate(inst, plan, emit)
+        await send("content_block_stop", {"index": 0})
+        stop_reason = "max_tokens" if plan.finish == "length" else "end_turn"
+        delta = {"delta": {"stop_reason": stop_reason, "stop_sequence": None}}
+        await send("message_delta", delta | {"usage": {"output_tokens": plan.completion_tokens}})
+        await send("message_stop", {})
+        return await stream.finish()
+
+    # ---- /api/v1/chat (LM Studio native, stateful) -------------------------------------------------------
+
+    async def _v1_chat(self, call: _MockCall) -> web.StreamResponse:
+        body = call.payload()
+        if "input" not in body:
+            raise _MockHTTPError(400, "'input' is required.", param="input")
+        turns = self._history(body.get("previous_response_id")) + _mock_native_turns(body)
+        target = self._resolve(body.get("model"), "chat")
+        sampling = self._sampling(body.get("max_output_tokens"), body.get("temperature"), body.get("seed"))
+        plan = self._plan(target.model, turns, _mock_turn_tokens(turns), sampling)
+        if body.get("stream") is True:
+            return await self._stream_v1_chat(call, target, plan, body, turns)
+        inst, load = await self._ensure_instance(target)
+        timing = await self._generate(inst, plan)
+        timing.load = load
+        return _mock_json(self._v1_chat_result(inst, plan, timing, body, turns))
+
+    def _v1_chat_result(
+        self,
+        inst: _MockInstance,
+        plan: _MockPlan,
+        timing: _MockTiming,
+        body: dict[str, Any],
+        turns: list[tuple[str, str]],
+    ) -> dict[str, Any]:
+        stats: dict[str, Any] = {
+            "input_tokens": plan.prompt_tokens,
+            "total_output_tokens": plan.completion_tokens,
+            "reasoning_output_tokens": 0,
+            "tokens_per_second": timing.tokens_per_second(plan.completion_tokens),
+            "time_to_first_token_seconds": round(timing.first_token, 3),
+        }
+        if timing.load is not None:
+            stats["model_load_time_seconds"] = round(timing.load, 3)
+        result: dict[str, Any] = {
+            "model_instance_id": inst.id,
+            "output": [{"type": "message", "content": plan.text}],
+            "stats": stats,
+        }
+        if body.get("store", True) is not False:
+            result["response_id"] = self._new_id("resp_", 32)
+            self._remember(result["response_id"], turns, plan)
+        return result
+
+    async def _stream_v1_chat(
+        self,
+        call: _MockCall,
+        target: _MockTarget,
+        plan: _MockPlan,
+        body: dict[str, Any],
+        turns: list[tuple[str, str]],
+    ) -> web.StreamResponse:
+        stream = _MockStream(call, "text/event-stream")
+
+        async def send(kind: str, payload: dict[str, Any] | None = None) -> None:
+            await stream.send(_mock_sse_event(kind, {"type": kind} | (payload or {})))
+
+        async def emit(index: int, piece: str) -> None:
+            await send("message.delta", {"content": piece})
+
+        await send(
+            "chat.start", {"model_instance_id": target.instance.id if target.instance else target.model.id}
+        )
+        inst, load = await self._load_with_events(target, send)
+        for kind, extra in (("start", None), ("progress", {"progress": 1.0}), ("end", None)):
+            await send(f"prompt_processing.{kind}", extra)
+        await send("message.start")
+        timing = await self._generate(inst, plan, emit)
+        timing.load = load
+        await send("message.end")
+        await send("chat.end", {"result": self._v1_chat_result(inst, plan, timing, body, turns)})
+        return await stream.finish()
+
+    async def _load_with_events(
+        self, target: _MockTarget, send: Callable[[str, dict[str, Any] | None], Awaitable[None]]
+    ) -> tuple[_MockInstance, float | None]:
+        if target.instance is not None:
+            return await self._ensure_instance(target)
+        where = {"model_instance_id": target.model.id}
+        await send("model_load.start", where)
+        await send("model_load.progress", where | {"progress": 0.0})
+        inst, load = await self._ensure_instance(target)
+        await send("model_load.progress", where | {"progress": 1.0})
+        await send("model_load.end", where | {"load_time_seconds": round(load or 0.0, 3)})
+        return inst, load
+
+    # ---- Ollama flavor -----------------------------------------------------------------------------------
+
+    async def _ollama_root(self, call: _MockCall) -> web.StreamResponse:
+        return web.Response(text="Ollama is running", content_type="text/plain")
+
+    async def _ollama_version(self, call: _MockCall) -> web.StreamResponse:
+        return _mock_json({"version": _MOCK_OLLAMA_VERSION})
+
+    def _ollama_entry(self, model: MockModel) -> dict[str, Any]:
+        return {
+            "name": model.id,
+            "model": model.id,
+            "modified_at": datetime.fromtimestamp(self._created, UTC).isoformat().replace("+00:00", "Z"),
+            "size": model.size_bytes,
+            "digest": hashlib.sha256(model.id.encode()).hexdigest(),
+            "details": _mock_ollama_details(model),
+            "capabilities": _mock_ollama_capabilities(model),
+        }
+
+    async def _ollama_tags(self, call: _MockCall) -> web.StreamResponse:
+        return _mock_json({"models": [self._ollama_entry(m) for m in self.models]})
+
+    async def _ollama_ps(self, call: _MockCall) -> web.StreamResponse:
+        entries = []
+        for inst in self._instances:
+            entry = self._ollama_entry(inst.model)
+            entry.pop("modified_at")
+            entry.pop("capabilities")
+            expires = inst.last_used + 300 - time.time()
+            entry |= {
+                "expires_at": _mock_now_iso(expires),
+                "size_vram": inst.model.size_bytes,
+                "context_length": inst.context_length,
+            }
+            entries.append(entry)
+        return _mock_json({"models": entries})
+
+    async def _ollama_show(self, call: _MockCall) -> web.StreamResponse:
+        body = call.payload()
+        name = body.get("model", body.get("name"))
+        model = self._model_by_key(name) if isinstance(name, str) else None
+        if model is None:
+            raise self._unknown_model(str(name))
+        info = {
+            "general.architecture": model.arch,
+            "general.parameter_count": model.size_bytes * 2,
+            f"{model.arch}.context_length": model.max_context_length,
+        }
+        if model.is_embedding:
+            info[f"{model.arch}.embedding_length"] = _MOCK_EMBED_DIM
+        return _mock_json(
+            {
+                "license": "",
+                "modelfile": f"FROM {model.id}\n",
+                "parameters": "",
+                "template": "{{ .Prompt }}",
+                "details": _mock_ollama_details(model),
+                "model_info": info,
+                "capabilities": _mock_ollama_capabilities(model),
+                "modified_at": datetime.fromtimestamp(self._created, UTC).isoformat().replace("+00:00", "Z"),
+            }
+        )
+
+    @staticmethod
+    def _ollama_sampling_args(body: dict[str, Any]) -> tuple[Any, Any, Any]:
+        options = body.get("options") if isinstance(body.get("options"), dict) else {}
+        return options.get("num_predict"), options.get("temperature"), options.get("seed")
+
+    async def _ollama_chat(self, call: _MockCall) -> web.StreamResponse:
+        body = call.payload()
+        target = self._resolve(body.get("model"), "chat")
+        messages = body.get("messages") or []
+        if not messages:
+            return await self._ollama_load_only(target, body, "message")
+        turns = _mock_chat_turns(messages)
+        sampling = self._sampling(*self._ollama_sampling_args(body))
+        plan = self._plan(target.model, turns, _mock_turn_tokens(turns), sampling, body.get("tools"))
+        return await self._ollama_reply(call, target, plan, body, "message")
+
+    async def _ollama_generate(self, call: _MockCall) -> web.StreamResponse:
+        body = call.payload()
+        target = self._resolve(body.get("model"), "generate")
+        prompt = body.get("prompt")
+        if not isinstance(prompt, str) or not prompt:
+            return await self._ollama_load_only(target, body, "response")
+        turns = [*_mock_system_turns(body.get("system")), ("user", prompt)]
+        sampling = self._sampling(*self._ollama_sampling_args(body))
+        plan = self._plan(target.model, turns, _mock_turn_tokens(turns), sampling)
+        return await self._ollama_reply(call, target, plan, body, "response")
+
+    async def _ollama_load_only(
+        self, target: _MockTarget, body: dict[str, Any], field_name: str
+    ) -> web.StreamResponse:
+        """An empty prompt only loads the model; with keep_alive 0 it unloads it instead."""
+        reason = "load"
+        if _mock_keep_alive_zero(body.get("keep_alive")):
+            reason = "unload"
+            for inst in self._instances_of(target.model):
+                self._unload(inst)
+        else:
+            await self._ensure_instance(target)
+        value: Any = {"role": "assistant", "content": ""} if field_name == "message" else ""
+        result = {"model": body.get("model"), "created_at": _mock_now_iso(), field_name: value}
+        return _mock_json(result | {"done_reason": reason, "done": True})
+
+    def _ollama_piece(self, plan: _MockPlan, index: int, piece: str, field_name: str) -> Any:
+        if field_name == "response":
+            return piece
+        if plan.tool is None:
+            return {"role": "assistant", "content": piece}
+        # Ollama sends a tool call whole, with arguments as an object, in one non-final chunk.
+        call = {"function": {"name": plan.tool["name"], "arguments": json.loads(plan.tool["arguments"])}}
+        return {"role": "assistant", "content": "", "tool_calls": [call]}
+
+    async def _ollama_reply(
+        self, call: _MockCall, target: _MockTarget, plan: _MockPlan, body: dict[str, Any], field_name: str
+    ) -> web.StreamResponse:
+        started = time.perf_counter_ns()
+        inst, load = await self._ensure_instance(target)
+        if body.get("stream", True) is False:
+            timing = await self._generate(inst, plan)
+            whole = self._ollama_piece(plan, 0, plan.text, field_name)
+            result = self._ollama_final(body, plan, timing, load, started, field_name, whole)
+            self._ollama_after(inst, body)
+            return _mock_json(result)
+        stream = _MockStream(call, "application/x-ndjson")
+
+        async def emit(index: int, piece: str) -> None:
+            if plan.tool is None or index == 0:
+                line = {
+                    "model": body.get("model"),
+                    "created_at": _mock_now_iso(),
+                    field_name: self._ollama_piece(plan, index, piece, field_name),
+                    "done": False,
+                }
+                await stream.send(_mock_ndjson(line))
+
+        timing = await self._generate(inst, plan, emit)
+        empty: Any = {"role": "assistant", "content": ""} if field_name == "message" else ""
+        await stream.send(
+            _mock_ndjson(self._ollama_final(body, plan, timing, load, started, field_name, empty))
+        )
+        self._ollama_after(inst, body)
+        return await stream.finish()
+
+    def _ollama_after(self, inst: _MockInstance, body: dict[str, Any]) -> None:
+        if _mock_keep_alive_zero(body.get("keep_alive")):
+            self._unload(inst)
+
+    @staticmethod
+    def _ollama_final(
+        body: dict[str, Any],
+        plan: _MockPlan,
+        timing: _MockTiming,
+        load: float | None,
+        started_ns: int,
+        field_name: str,
+        value: Any,
+    ) -> dict[str, Any]:
+        eval_ns = max(int(timing.generation * 1e9), 1)
+        result: dict[str, Any] = {
+            "model": body.get("model"),
+            "created_at": _mock_now_iso(),
+            field_name: value,
+        }
+        result |= {"done": True, "done_reason": "length" if plan.finish == "length" else "stop"}
+        result["total_duration"] = max(time.perf_counter_ns() - started_ns, 1)
+        if load:
+            # Ollama omits zero metrics (omitempty), so an already-resident model reports no load time.
+            result["load_duration"] = int(load * 1e9)
+        result |= {
+            "prompt_eval_count": plan.prompt_tokens,
+            "prompt_eval_duration": max(int(timing.first_token * 1e9), 1),
+            "eval_count": plan.completion_tokens,
+            "eval_duration": eval_ns,
+        }
+        return result
+
+    async def _ollama_embed(self, call: _MockCall) -> web.StreamResponse:
+        body = call.payload()
+        started = time.perf_counter_ns()
+        texts = _mock_embedding_inputs(body.get("input"))
+        target = self._resolve(body.get("model"), "embedding")
+        _, load = await self._ensure_instance(target)
+        result: dict[str, Any] = {
+            "model": body.get("model"),
+            "embeddings": [_mock_embedding(t) for t in texts],
+        }
+        result["total_duration"] = max(time.perf_counter_ns() - started, 1)
+        if load:
+            result["load_duration"] = int(load * 1e9)
+        result["prompt_eval_count"] = sum(_mock_word_count(t) for t in texts)
+        return _mock_json(result)
+
+    async def _ollama_embeddings_legacy(self, call: _MockCall) -> web.StreamResponse:
+        body = call.payload()
+        prompt = body.get("prompt")
+        target = self._resolve(body.get("model"), "embedding")
+        await self._ensure_instance(target)
+        return _mock_json({"embedding": _mock_embedding(prompt) if isinstance(prompt, str) else []})
+
+    def _ollama_openai_entry(self, model: MockModel) -> dict[str, Any]:
+        owner = model.id.split("/", 1)[0] if "/" in model.id else "library"
+        return {"id": model.id, "object": "model", "created": self._created, "owned_by": owner}
+
+    async def _ollama_openai_models(self, call: _MockCall) -> web.StreamResponse:
+        return _mock_json({"object": "list", "data": [self._ollama_openai_entry(m) for m in self.models]})
+
+    async def _ollama_openai_model(self, call: _MockCall) -> web.StreamResponse:
+        name = call.request.path.removeprefix("/v1/models/")
+        model = self._model_by_key(name)
+        if model is None:
+            raise self._unknown_model(name)
+        return _mock_json(self._ollama_openai_entry(model))
+
+    # ---- generic OpenAI server flavor (llama-server) --------------------------------------------------------
+
+    async def _llama_health(self, call: _MockCall) -> web.StreamResponse:
+        return _mock_json({"status": "ok"})
+
+    async def _llama_models(self, call: _MockCall) -> web.StreamResponse:
+        data = [
+            {"id": m.id, "object": "model", "created": self._created, "owned_by": "llamacpp"}
+            for m in self.models
+        ]
+        return _mock_json({"object": "list", "data": data})
 
 
 if __name__ == "__main__":

@@ -30,8 +30,15 @@ MODELS = ("qwen/qwen3-4b", "google/gemma-3-4b", "mistralai/ministral-3b")
 
 async def start_gateway(urls: list[str], data_dir: Path) -> tuple[uvicorn.Server, asyncio.Task[None], str]:
     settings = vampire.Settings.load(env={}, config_file=data_dir / "none.toml")
-    settings.data_dir, settings.nodes, settings.discover_local, settings.refresh_s = data_dir, urls, False, 1.0
-    config = uvicorn.Config(vampire.App(settings), host="127.0.0.1", port=0, log_level="warning", lifespan="on")
+    settings.data_dir, settings.nodes, settings.discover_local, settings.refresh_s = (
+        data_dir,
+        urls,
+        False,
+        1.0,
+    )
+    config = uvicorn.Config(
+        vampire.App(settings), host="127.0.0.1", port=0, log_level="warning", lifespan="on"
+    )
     server = uvicorn.Server(config)
     task = asyncio.ensure_future(server.serve())
     while not server.started:
@@ -39,10 +46,18 @@ async def start_gateway(urls: list[str], data_dir: Path) -> tuple[uvicorn.Server
     return server, task, f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
 
 
-async def run(strategy: str, requests: int, concurrency: int, seed: int, load_delay: float) -> dict[str, object]:
+async def run(
+    strategy: str, requests: int, concurrency: int, seed: int, load_delay: float
+) -> dict[str, object]:
     nodes = [
-        vampire.MockNode([vampire.MockModel(m, parallel=4) for m in MODELS], load_delay=load_delay, tps=200,
-                         completion_tokens=8, auto_evict=True, seed=i)
+        vampire.MockNode(
+            [vampire.MockModel(m, parallel=4) for m in MODELS],
+            load_delay=load_delay,
+            tps=200,
+            completion_tokens=8,
+            auto_evict=True,
+            seed=i,
+        )
         for i in range(3)
     ]
     urls = [await n.start("127.0.0.1", 0) for n in nodes]
@@ -58,8 +73,11 @@ async def run(strategy: str, requests: int, concurrency: int, seed: int, load_de
 
             async def one(i: int, model: str) -> None:
                 nonlocal errors
-                body = {"model": model, "messages": [{"role": "user", "content": f"question {i}"}],
-                        "vampire": {"strategy": strategy}}
+                body = {
+                    "model": model,
+                    "messages": [{"role": "user", "content": f"question {i}"}],
+                    "vampire": {"strategy": strategy},
+                }
                 async with gate:
                     started = time.perf_counter()
                     try:
@@ -81,26 +99,38 @@ async def run(strategy: str, requests: int, concurrency: int, seed: int, load_de
         await n.stop()
     latencies.sort()
     return {
-        "strategy": strategy, "loads": sum(n.stats.loads for n in nodes),
+        "strategy": strategy,
+        "loads": sum(n.stats.loads for n in nodes),
         "max_loads_per_model_node": max(loads_per_pair.values(), default=0),
-        "p50": statistics.median(latencies), "p95": latencies[int(0.95 * (len(latencies) - 1))], "errors": errors,
+        "p50": statistics.median(latencies),
+        "p95": latencies[int(0.95 * (len(latencies) - 1))],
+        "errors": errors,
     }
 
 
 async def main_async(args: argparse.Namespace) -> None:
-    results = [await run(s, args.requests, args.concurrency, args.seed, args.load_delay) for s in ("auto", "round_robin")]
+    results = [
+        await run(s, args.requests, args.concurrency, args.seed, args.load_delay)
+        for s in ("auto", "round_robin")
+    ]
     print(f"{'strategy':12} {'loads':>6} {'max/model/node':>15} {'p50 ms':>9} {'p95 ms':>9} {'errors':>7}")
     for r in results:
-        print(f"{r['strategy']:12} {r['loads']:>6} {r['max_loads_per_model_node']:>15} {r['p50'] * 1000:>9.1f} "
-              f"{r['p95'] * 1000:>9.1f} {r['errors']:>7}")
+        print(
+            f"{r['strategy']:12} {r['loads']:>6} {r['max_loads_per_model_node']:>15} {r['p50'] * 1000:>9.1f} "
+            f"{r['p95'] * 1000:>9.1f} {r['errors']:>7}"
+        )
     auto, rr = results
     ratio = rr["p95"] / auto["p95"]  # type: ignore[operator]
-    print(f"p95 round_robin / auto = {ratio:.1f}x (target >= 3x); "
-          f"auto loads at most {auto['max_loads_per_model_node']} time(s) per model per node (target <= 1)")
+    print(
+        f"p95 round_robin / auto = {ratio:.1f}x (target >= 3x); "
+        f"auto loads at most {auto['max_loads_per_model_node']} time(s) per model per node (target <= 1)"
+    )
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--requests", type=int, default=240)
     parser.add_argument("--concurrency", type=int, default=12)
     parser.add_argument("--load-delay", type=float, default=2.0)

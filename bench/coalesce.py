@@ -94,8 +94,15 @@ class Gateway:
         self.app = vampire.App(settings)
         self.clock = ServerClock(self.app)
         # Same server options as `vampire serve`, so the hit path costs what it costs in production.
-        config = uvicorn.Config(self.clock, host="127.0.0.1", port=0, log_level="warning", lifespan="on",
-                                access_log=False, server_header=False)
+        config = uvicorn.Config(
+            self.clock,
+            host="127.0.0.1",
+            port=0,
+            log_level="warning",
+            lifespan="on",
+            access_log=False,
+            server_header=False,
+        )
         self.server = uvicorn.Server(config)
         self.task: asyncio.Task[None] | None = None
         self.url = ""
@@ -139,8 +146,13 @@ class RawConn:
                 pass
 
     def request_bytes(self, path: str, body: bytes, extra: Sequence[tuple[str, str]] = ()) -> bytes:
-        lines = [f"POST {path} HTTP/1.1", f"Host: {self.host}:{self.port}", "Content-Type: application/json",
-                 f"Content-Length: {len(body)}", *(f"{k}: {v}" for k, v in extra)]
+        lines = [
+            f"POST {path} HTTP/1.1",
+            f"Host: {self.host}:{self.port}",
+            "Content-Type: application/json",
+            f"Content-Length: {len(body)}",
+            *(f"{k}: {v}" for k, v in extra),
+        ]
         return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
 
     async def send(self, raw: bytes) -> tuple[int, dict[str, str], bytes]:
@@ -174,8 +186,12 @@ class RawConn:
 
 
 def chat_body(temperature: float, stream: bool, content: str) -> dict[str, Any]:
-    return {"model": MODEL, "messages": [{"role": "user", "content": content}],
-            "temperature": temperature, "stream": stream}
+    return {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": content}],
+        "temperature": temperature,
+        "stream": stream,
+    }
 
 
 # ── 1. coalescing ──────────────────────────────────────────────────────────────────────────────────────
@@ -196,8 +212,9 @@ async def burst(base: str, n: int, body: dict[str, Any]) -> tuple[list[tuple[int
         return list(results), time.perf_counter() - started
 
 
-def summarise_burst(label: str, node: vampire.MockNode, before: int, results: list[tuple[int, str, bytes]],
-                    wall: float) -> dict[str, Any]:
+def summarise_burst(
+    label: str, node: vampire.MockNode, before: int, results: list[tuple[int, str, bytes]], wall: float
+) -> dict[str, Any]:
     generations = node.stats.generations_started - before
     outcomes = Counter(cache for _, cache, _ in results)
     # The first client's answer is the reference; a shared answer must reach every client unchanged.
@@ -206,16 +223,20 @@ def summarise_burst(label: str, node: vampire.MockNode, before: int, results: li
     identical = sum(1 for status, _, b in results if status == 200 and b == reference and complete)
     distinct = len({b for _, _, b in results})
     errors = sum(1 for status, _, _ in results if status != 200)
-    print(f"  {label:<16} generations {generations:>4}   identical+[DONE] {identical:>4}/{len(results)}   "
-          f"distinct bodies {distinct:>4}   outcomes {dict(sorted(outcomes.items()))}   errors {errors}   "
-          f"wall {wall * 1000:7.1f} ms")
+    print(
+        f"  {label:<16} generations {generations:>4}   identical+[DONE] {identical:>4}/{len(results)}   "
+        f"distinct bodies {distinct:>4}   outcomes {dict(sorted(outcomes.items()))}   errors {errors}   "
+        f"wall {wall * 1000:7.1f} ms"
+    )
     return {"generations": generations, "identical": identical, "errors": errors, "outcomes": outcomes}
 
 
 async def coalescing(n: int) -> bool:
     seconds = COALESCE_TOKENS / COALESCE_TPS
-    print(f"1. Coalescing: {n} concurrent identical streaming chat requests, one node "
-          f"(tps={COALESCE_TPS:g}, completion_tokens={COALESCE_TOKENS}, ~{seconds:.2f} s per answer)")
+    print(
+        f"1. Coalescing: {n} concurrent identical streaming chat requests, one node "
+        f"(tps={COALESCE_TPS:g}, completion_tokens={COALESCE_TOKENS}, ~{seconds:.2f} s per answer)"
+    )
     # Enough slots for every request at once, so the unshared run measures generation, not queueing.
     model = vampire.MockModel(MODEL, loaded=True, parallel=max(4, n))
     node = vampire.MockNode([model], tps=COALESCE_TPS, completion_tokens=COALESCE_TOKENS)
@@ -240,8 +261,10 @@ async def coalescing(n: int) -> bool:
         await node.stop()
     ok = shared["generations"] == 1 and shared["identical"] == n and unshared["generations"] == n
     ok = ok and not shared["errors"] and not unshared["errors"]
-    print(f"  -> {n} clients served by {shared['generations']} generation(s) instead of "
-          f"{unshared['generations']} ({'OK' if ok else 'UNEXPECTED'})")
+    print(
+        f"  -> {n} clients served by {shared['generations']} generation(s) instead of "
+        f"{unshared['generations']} ({'OK' if ok else 'UNEXPECTED'})"
+    )
     return ok
 
 
@@ -249,8 +272,10 @@ async def coalescing(n: int) -> bool:
 
 
 async def cache_hits(m: int) -> bool:
-    print(f"\n2. Cache-hit latency: {m} direct calls interleaved with {m} gateway cache hits, "
-          "one keep-alive connection per path, instant node (tps=0)")
+    print(
+        f"\n2. Cache-hit latency: {m} direct calls interleaved with {m} gateway cache hits, "
+        "one keep-alive connection per path, instant node (tps=0)"
+    )
     node = vampire.MockNode([vampire.MockModel(MODEL, loaded=True)], tps=0)
     url = await node.start("127.0.0.1", 0)
     ok = True
@@ -273,7 +298,9 @@ async def cache_hits(m: int) -> bool:
     return ok
 
 
-async def hit_loop(node: vampire.MockNode, gateway: Gateway, direct: RawConn, through: RawConn, m: int) -> bool:
+async def hit_loop(
+    node: vampire.MockNode, gateway: Gateway, direct: RawConn, through: RawConn, m: int
+) -> bool:
     body = json.dumps(chat_body(0, False, "What is the capital of France?"), separators=(",", ":")).encode()
     direct_raw = direct.request_bytes(CHAT_PATH, body, [(DIRECT_MARK, "1")])
     gateway_raw = through.request_bytes(CHAT_PATH, body)
@@ -330,10 +357,14 @@ async def hit_loop(node: vampire.MockNode, gateway: Gateway, direct: RawConn, th
     print(f"  {'direct (node computes)':<28} {d50:>9.1f} {d99:>9.1f}")
     print(f"  {'gateway (cache hit)':<28} {g50:>9.1f} {g99:>9.1f}")
     print(f"  {'gateway-hit / direct':<28} {g50 / d50:>8.2f}x {g99 / d99:>8.2f}x")
-    print(f"  {'gateway time per hit (ASGI)':<28} {s50:>9.1f} {s99:>9.1f}   "
-          f"({len(server_ns)} samples, target well under {HIT_BUDGET_US:.0f} µs)")
-    print(f"  node requests during the loop: {from_bench} direct (expected {m}), {from_gateway} from the gateway "
-          "(expected 0)")
+    print(
+        f"  {'gateway time per hit (ASGI)':<28} {s50:>9.1f} {s99:>9.1f}   "
+        f"({len(server_ns)} samples, target well under {HIT_BUDGET_US:.0f} µs)"
+    )
+    print(
+        f"  node requests during the loop: {from_bench} direct (expected {m}), {from_gateway} from the gateway "
+        "(expected 0)"
+    )
     ok = from_gateway == 0 and from_bench == m and len(server_ns) == m and s99 < HIT_BUDGET_US
     print(f"  -> all {m} gateway calls were cache hits; {'OK' if ok else 'UNEXPECTED'}")
     return ok
@@ -348,7 +379,9 @@ async def main_async(args: argparse.Namespace) -> int:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--n", type=int, default=None, help="concurrent identical requests (default 100)")
     parser.add_argument("--m", type=int, default=None, help="timed requests per path (default 2000)")
     parser.add_argument("--quick", action="store_true", help="smaller run, under 15 s (N=30, M=300)")

@@ -154,8 +154,13 @@ def test_cold_start_is_measured(binary: Path, workdir: Path, figures: Figures) -
     # A timing target is reported, not asserted: a busy machine would turn it into a flaky test.
     figures.record(
         "cold_start_s",
-        {"median": round(median, 3), "runs": [round(s, 3) for s in starts], "sigterm_exits": exits,
-         "target": MAX_COLD_START_S, "verdict": "PASS" if median <= MAX_COLD_START_S else "MISS"},
+        {
+            "median": round(median, 3),
+            "runs": [round(s, 3) for s in starts],
+            "sigterm_exits": exits,
+            "target": MAX_COLD_START_S,
+            "verdict": "PASS" if median <= MAX_COLD_START_S else "MISS",
+        },
     )
     assert all(code == 0 for code in exits), f"a cold-started gateway did not exit 0 on SIGTERM: {exits}"
 
@@ -246,5 +251,7 @@ def test_idle_rss_is_measured(demo: DemoGateway, figures: Figures) -> None:
     )
     assert len(children) == 1, f"expected the bootloader to run one gateway process, found {demo.rss}"
     # A memory target is reported with its verdict, like the benchmarks' figures, rather than asserted.
-    figures.record("idle_rss_verdict", {"target_mib": MAX_IDLE_RSS_MIB,
-                                        "verdict": "PASS" if total <= MAX_IDLE_RSS_MIB else "MISS"})
+    figures.record(
+        "idle_rss_verdict",
+        {"target_mib": MAX_IDLE_RSS_MIB, "verdict": "PASS" if total <= MAX_IDLE_RSS_MIB else "MISS"},
+    )

@@ -23,7 +23,9 @@ def generations(node: Any) -> int:
 
 
 def chat(gw: Any, headers: dict[str, str] | None = None, **extra: Any) -> httpx.Response:
-    return httpx.post(f"{gw.v1}/chat/completions", json={"model": "m", **ASK, **extra}, headers=headers or {}, timeout=30)
+    return httpx.post(
+        f"{gw.v1}/chat/completions", json={"model": "m", **ASK, **extra}, headers=headers or {}, timeout=30
+    )
 
 
 @pytest.fixture
@@ -38,6 +40,7 @@ def test_100_identical_streams_make_one_generation(slow: Any, bg: Any) -> None:
 
     async def crowd() -> tuple[list[bytes], list[str], bytes]:
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as http:
+
             async def one() -> tuple[bytes, str]:
                 async with http.post(f"{gw.v1}/chat/completions", json=body) as resp:
                     assert resp.status == 200
@@ -55,8 +58,11 @@ def test_100_identical_streams_make_one_generation(slow: Any, bg: Any) -> None:
     assert generations(node) == 1
     assert len(set(bodies)) == 1 and late == bodies[0]
     assert bodies[0].endswith(b"data: [DONE]\n\n") and b'"usage"' not in bodies[0]
-    text = "".join(json.loads(f[6:])["choices"][0]["delta"].get("content") or "" for f in bodies[0].decode().split("\n\n")
-                   if f.startswith("data: {") and json.loads(f[6:])["choices"])
+    text = "".join(
+        json.loads(f[6:])["choices"][0]["delta"].get("content") or ""
+        for f in bodies[0].decode().split("\n\n")
+        if f.startswith("data: {") and json.loads(f[6:])["choices"]
+    )
     assert len(text.split()) == 16
     assert outcomes.count("miss") == 1 and outcomes.count("coalesced") == 100, sorted(set(outcomes))
     stats = httpx.get(f"{gw.url}/vampire/v1/cache").json()
@@ -72,8 +78,10 @@ def test_repeat_is_a_cache_hit_that_never_touches_the_node(slow: Any) -> None:
     assert (first.headers["x-vampire-cache"], again.headers["x-vampire-cache"]) == ("miss", "hit")
     assert again.json() == first.json() and len(node.received) == seen
     assert again.headers["x-vampire-request-id"] != first.headers["x-vampire-request-id"]
-    reordered = httpx.post(f"{gw.v1}/chat/completions",
-                           content=json.dumps({"temperature": 0, **ASK, "model": "m"}, indent=3).encode())
+    reordered = httpx.post(
+        f"{gw.v1}/chat/completions",
+        content=json.dumps({"temperature": 0, **ASK, "model": "m"}, indent=3).encode(),
+    )
     assert reordered.headers["x-vampire-cache"] == "hit"  # key order and whitespace do not matter
     assert generations(node) == 1
 
@@ -81,14 +89,21 @@ def test_repeat_is_a_cache_hit_that_never_touches_the_node(slow: Any) -> None:
 def test_streaming_and_json_twins_share_one_answer(slow: Any) -> None:
     node, gw = slow
     oc = openai.OpenAI(base_url=gw.v1, api_key="x", max_retries=0)
-    streamed = "".join(c.choices[0].delta.content or "" for c in
-                       oc.chat.completions.create(model="m", stream=True, **ASK) if c.choices)
+    streamed = "".join(
+        c.choices[0].delta.content or ""
+        for c in oc.chat.completions.create(model="m", stream=True, **ASK)
+        if c.choices
+    )
     whole = oc.chat.completions.with_raw_response.create(model="m", **ASK)
     assert whole.headers["x-vampire-cache"] == "hit"
-    assert whole.parse().choices[0].message.content == streamed and whole.parse().usage.completion_tokens == 16
+    assert (
+        whole.parse().choices[0].message.content == streamed and whole.parse().usage.completion_tokens == 16
+    )
     other = {**ASK, "messages": [{"role": "user", "content": "and a fruit bat"}]}
     answer = oc.chat.completions.create(model="m", **other).choices[0].message.content
-    chunks = list(oc.chat.completions.create(model="m", stream=True, stream_options={"include_usage": True}, **other))
+    chunks = list(
+        oc.chat.completions.create(model="m", stream=True, stream_options={"include_usage": True}, **other)
+    )
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == answer
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 16
     assert generations(node) == 2
@@ -115,10 +130,12 @@ def test_nondeterministic_requests_are_never_shared(slow: Any, bg: Any) -> None:
 
     async def pair(extra: dict[str, Any]) -> list[str]:
         async with aiohttp.ClientSession() as http:
+
             async def one() -> str:
                 async with http.post(f"{gw.v1}/chat/completions", json={"model": "m", **extra}) as resp:
                     await resp.read()
                     return resp.headers["x-vampire-cache"]
+
             return list(await asyncio.gather(one(), one()))
 
     assert bg.run(pair(hot)) == ["bypass", "bypass"]
@@ -149,7 +166,10 @@ def test_realms_never_share(node_factory: Any, gateway_factory: Any) -> None:
     family = httpx.post(f"{api}/keys", json={"name": "a", "realm": "family"}).json()["key"]
     family2 = httpx.post(f"{api}/keys", json={"name": "b", "realm": "family"}).json()["key"]
     business = httpx.post(f"{api}/keys", json={"name": "c", "realm": "business"}).json()["key"]
-    outcomes = [chat(gw, {"Authorization": f"Bearer {k}"}).headers["x-vampire-cache"] for k in (family, business, family2)]
+    outcomes = [
+        chat(gw, {"Authorization": f"Bearer {k}"}).headers["x-vampire-cache"]
+        for k in (family, business, family2)
+    ]
     assert outcomes == ["miss", "miss", "hit"]
     assert generations(node) == 2
 
@@ -164,8 +184,9 @@ def test_embeddings_are_cached(slow: Any) -> None:
     assert len([r for r in node.received if r.path == "/v1/embeddings"]) == 1
 
 
-def test_one_waiter_leaving_does_not_stop_the_others_but_all_leaving_does(node_factory: Any, gateway_factory: Any,
-                                                                           bg: Any) -> None:
+def test_one_waiter_leaving_does_not_stop_the_others_but_all_leaving_does(
+    node_factory: Any, gateway_factory: Any, bg: Any
+) -> None:
     node = node_factory("m:llm:loaded", tps=20, completion_tokens=30)
     gw = gateway_factory([node.url])
     body = {"model": "m", "stream": True, **ASK}
@@ -181,13 +202,18 @@ def test_one_waiter_leaving_does_not_stop_the_others_but_all_leaving_does(node_f
     full = bg.run(scenario(), timeout=30)
     assert full.endswith(b"data: [DONE]\n\n") and node.stats.generations_finished == 1
     httpx.delete(f"{gw.url}/vampire/v1/cache")
-    with httpx.Client(timeout=30) as a, httpx.Client(timeout=30) as b, \
-            a.stream("POST", f"{gw.v1}/chat/completions", json=body) as r1, \
-            b.stream("POST", f"{gw.v1}/chat/completions", json=body) as r2:
+    with (
+        httpx.Client(timeout=30) as a,
+        httpx.Client(timeout=30) as b,
+        a.stream("POST", f"{gw.v1}/chat/completions", json=body) as r1,
+        b.stream("POST", f"{gw.v1}/chat/completions", json=body) as r2,
+    ):
         next(r1.iter_raw())
         next(r2.iter_raw())
     wait_until(lambda: node.stats.generations_cancelled == 1, timeout=1.0)  # everyone left: the node stops
-    wait_until(lambda: not gw.app.sharing.flights and all(n.in_flight == 0 for n in gw.app.registry.nodes.values()))
+    wait_until(
+        lambda: not gw.app.sharing.flights and all(n.in_flight == 0 for n in gw.app.registry.nodes.values())
+    )
 
 
 def test_a_changed_model_invalidates_its_answers(node_factory: Any, gateway_factory: Any) -> None:
@@ -225,9 +251,13 @@ def test_cache_ttl() -> None:
 
 
 def test_cache_key_parts() -> None:
-    a = vampire.canonical_request("/v1/chat/completions", {"model": "m", "stream": True, "temperature": 0, "x": [1, 2]})
-    b = vampire.canonical_request("/v1/chat/completions", {"x": [1, 2], "temperature": 0, "model": "m",
-                                                            "stream_options": {"include_usage": True}})
+    a = vampire.canonical_request(
+        "/v1/chat/completions", {"model": "m", "stream": True, "temperature": 0, "x": [1, 2]}
+    )
+    b = vampire.canonical_request(
+        "/v1/chat/completions",
+        {"x": [1, 2], "temperature": 0, "model": "m", "stream_options": {"include_usage": True}},
+    )
     assert a == b
     assert a != vampire.canonical_request("/v1/completions", {"model": "m", "temperature": 0, "x": [1, 2]})
     assert vampire.cache_key("family", a, "fp1") != vampire.cache_key("business", a, "fp1")

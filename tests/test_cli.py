@@ -25,12 +25,22 @@ def free_port() -> int:
 
 @pytest.fixture
 def env(tmp_path: Path) -> dict[str, str]:
-    return {**os.environ, "VAMPIRE_DATA_DIR": str(tmp_path / "data"), "VAMPIRE_CONFIG": str(tmp_path / "none.toml")}
+    return {
+        **os.environ,
+        "VAMPIRE_DATA_DIR": str(tmp_path / "data"),
+        "VAMPIRE_CONFIG": str(tmp_path / "none.toml"),
+    }
 
 
 def vampire(env: dict[str, str], *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "vampire", *args], capture_output=True, text=True, timeout=timeout,
-                          env=env, cwd=ROOT)
+    return subprocess.run(
+        [sys.executable, "-m", "vampire", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        cwd=ROOT,
+    )
 
 
 def test_up_twice_starts_one_gateway_and_down_stops_it(env: dict[str, str]) -> None:
@@ -43,7 +53,9 @@ def test_up_twice_starts_one_gateway_and_down_stops_it(env: dict[str, str]) -> N
     assert int(Path(env["VAMPIRE_DATA_DIR"], "vampire.pid").read_text().split()[0]) == pid
     models = httpx.get(f"http://127.0.0.1:{port}/v1/models").json()["data"]
     assert "vampire:auto" in [m["id"] for m in models] and len(models) >= 4
-    chat = vampire(env, "chat", "hello there", "--model", "qwen/qwen3-4b", "--url", f"http://127.0.0.1:{port}")
+    chat = vampire(
+        env, "chat", "hello there", "--model", "qwen/qwen3-4b", "--url", f"http://127.0.0.1:{port}"
+    )
     assert chat.returncode == 0 and len(chat.stdout.split()) >= 3
     listing = vampire(env, "nodes", "list", "--url", f"http://127.0.0.1:{port}")
     assert listing.returncode == 0 and listing.stdout.count("online") == 2
@@ -58,8 +70,14 @@ def test_up_twice_starts_one_gateway_and_down_stops_it(env: dict[str, str]) -> N
 @pytest.mark.parametrize("signals", [[signal.SIGTERM], [signal.SIGINT, signal.SIGINT]])
 def test_serve_stops_cleanly_on_signals(env: dict[str, str], signals: list[int]) -> None:
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "vampire", "serve", "--demo", "--port", str(port)], env=env, cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vampire", "serve", "--demo", "--port", str(port)],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
     def healthy() -> bool:
         try:
@@ -78,9 +96,25 @@ def test_serve_stops_cleanly_on_signals(env: dict[str, str], signals: list[int])
 
 def test_mock_node_cli_serves_lm_studio(env: dict[str, str]) -> None:
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "vampire", "mock-node", "--port", str(port), "--models",
-                             "a/b:llm:loaded,c:embedding", "--token", "sk-lm-AbCdEfGh:AbCdEfGhIjKlMnOpQrSt"],
-                            env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "vampire",
+            "mock-node",
+            "--port",
+            str(port),
+            "--models",
+            "a/b:llm:loaded,c:embedding",
+            "--token",
+            "sk-lm-AbCdEfGh:AbCdEfGhIjKlMnOpQrSt",
+        ],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         wait_until(lambda: _answers(port), timeout=20)
         assert httpx.get(f"http://127.0.0.1:{port}/v1/models").status_code == 401
@@ -101,8 +135,24 @@ def _answers(port: int) -> bool:
 
 
 def test_every_command_has_help_and_bad_usage_exits_2(env: dict[str, str]) -> None:
-    commands = ["serve", "up", "down", "status", "nodes", "models", "routes", "keys", "share", "usage", "cache",
-                "discover", "chat", "mock-node", "service", "version"]
+    commands = [
+        "serve",
+        "up",
+        "down",
+        "status",
+        "nodes",
+        "models",
+        "routes",
+        "keys",
+        "share",
+        "usage",
+        "cache",
+        "discover",
+        "chat",
+        "mock-node",
+        "service",
+        "version",
+    ]
     for command in commands:
         out = vampire(env, command, "--help")
         assert out.returncode == 0 and "usage: vampire" in out.stdout, command
@@ -131,13 +181,20 @@ def test_keys_share_routes_usage_cache_commands(env: dict[str, str], tmp_path: A
         listed = vampire(env, "keys", "list", *url)
         assert "laptop" in listed.stdout and secret not in listed.stdout
         assert vampire(env, "share", "keys", *url).stdout.strip() == "sharing: keys"
-        refused = httpx.post(f"http://127.0.0.1:{port}/v1/embeddings", json={"model": "text-embedding-nomic-embed-text-v1.5",
-                                                                             "input": "x"})
+        refused = httpx.post(
+            f"http://127.0.0.1:{port}/v1/embeddings",
+            json={"model": "text-embedding-nomic-embed-text-v1.5", "input": "x"},
+        )
         assert refused.status_code == 401
-        ok = httpx.post(f"http://127.0.0.1:{port}/v1/embeddings", headers={"Authorization": f"Bearer {secret}"},
-                        json={"model": "text-embedding-nomic-embed-text-v1.5", "input": "x"})
+        ok = httpx.post(
+            f"http://127.0.0.1:{port}/v1/embeddings",
+            headers={"Authorization": f"Bearer {secret}"},
+            json={"model": "text-embedding-nomic-embed-text-v1.5", "input": "x"},
+        )
         assert ok.status_code == 200
-        route = vampire(env, "routes", "add", "fast", "--target", "qwen/qwen3-4b", "--fallback", "vampire:auto", *url)
+        route = vampire(
+            env, "routes", "add", "fast", "--target", "qwen/qwen3-4b", "--fallback", "vampire:auto", *url
+        )
         assert route.returncode == 0, route.stderr
         assert "fast" in vampire(env, "routes", "list", *url).stdout
         usage = vampire(env, "usage", "--group-by", "model", *url)
@@ -147,7 +204,13 @@ def test_keys_share_routes_usage_cache_commands(env: dict[str, str], tmp_path: A
         assert vampire(env, "cache", "clear", *url).returncode == 0
         revoked = vampire(env, "keys", "revoke", secret.split("_")[0].removeprefix("vk-"), *url)
         assert revoked.returncode == 0
-        assert httpx.post(f"http://127.0.0.1:{port}/v1/embeddings", headers={"Authorization": f"Bearer {secret}"},
-                          json={"model": "text-embedding-nomic-embed-text-v1.5", "input": "x"}).status_code == 401
+        assert (
+            httpx.post(
+                f"http://127.0.0.1:{port}/v1/embeddings",
+                headers={"Authorization": f"Bearer {secret}"},
+                json={"model": "text-embedding-nomic-embed-text-v1.5", "input": "x"},
+            ).status_code
+            == 401
+        )
     finally:
         vampire(env, "down")

@@ -20,8 +20,13 @@ ROOT = Path(__file__).resolve().parent.parent
 OUT_DIR = ROOT / "test-output"
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
-    "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-    "--disable-component-update", "--disable-sync",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
 ]
 # Endpoints being built alongside the dashboard: until they exist the page asks once, gets a 404 and hides
 # the panel. Chromium itself logs every 4xx response as "Failed to load resource"; that line is the
@@ -31,7 +36,9 @@ MODELS_A = "qwen/qwen3-4b:llm:loaded,text-embedding-nomic-embed-text-v1.5:embedd
 MODELS_B = "google/gemma-3-4b:vlm:loaded"
 UI_TIMEOUT_MS = 5000
 
-playwright_sync = pytest.importorskip("playwright.sync_api", reason="the `playwright` package is not installed")
+playwright_sync = pytest.importorskip(
+    "playwright.sync_api", reason="the `playwright` package is not installed"
+)
 expect = playwright_sync.expect
 
 
@@ -43,8 +50,12 @@ def _chromium_or_reason() -> str | None:
         return f"{CHROMIUM} is missing and cannot be installed here (needs root and apt-get)"
     try:
         subprocess.run(
-            ["bash", "-c", "apt-get update -qq && apt-get install -y -qq chromium"], check=False, timeout=600,
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"},
+            ["bash", "-c", "apt-get update -qq && apt-get install -y -qq chromium"],
+            check=False,
+            timeout=600,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"},
         )
     except subprocess.TimeoutExpired:
         return f"installing chromium with apt-get took over 10 minutes; {CHROMIUM} is still missing"
@@ -81,8 +92,10 @@ class Dashboard:
         ours = f"{where.scheme}://{where.netloc}" == self.gw.url
         expected = ours and (
             (self._network_log(msg.text, 404) and where.path in OPTIONAL_PATHS)
-            or any(self._network_log(msg.text, s) and where.path.startswith("/vampire/v1/")
-                   for s in self.expected_refusals)
+            or any(
+                self._network_log(msg.text, s) and where.path.startswith("/vampire/v1/")
+                for s in self.expected_refusals
+            )
         )
         if not expected:
             self.console_errors.append(f"console: {msg.text} at {msg.location}")
@@ -146,7 +159,16 @@ def test_page_is_small_and_self_contained() -> None:
     assert len(html.encode()) < 100_000
     assert '"""' not in html and "\\" not in html, "the page is embedded in vampire.py as a plain string"
     assert ast.literal_eval('"""' + html + '"""') == html
-    for external in ('src="http', "src='http", 'href="http', "href='http", "url(", "@import", 'src="//', 'href="//'):
+    for external in (
+        'src="http',
+        "src='http",
+        'href="http',
+        "href='http",
+        "url(",
+        "@import",
+        'src="//',
+        'href="//',
+    ):
         assert external not in html, f"the page must not load anything from elsewhere ({external})"
 
 
@@ -158,7 +180,9 @@ def test_loads_clean_and_shows_both_nodes_and_their_models(dash: Dashboard) -> N
     expect(row_a.get_by_test_id("node-state")).to_have_text("online")
     expect(row_b.get_by_test_id("node-state")).to_have_text("online")
     expect(row_a.locator('[data-testid="node-model"][data-model-id="qwen/qwen3-4b"]')).to_be_visible()
-    expect(row_a.locator('[data-testid="node-model"][data-model-id="text-embedding-nomic-embed-text-v1.5"]')).to_be_visible()
+    expect(
+        row_a.locator('[data-testid="node-model"][data-model-id="text-embedding-nomic-embed-text-v1.5"]')
+    ).to_be_visible()
     expect(row_b.locator('[data-testid="node-model"][data-model-id="google/gemma-3-4b"]')).to_be_visible()
     models = page.get_by_test_id("models-panel")
     for model in ("qwen/qwen3-4b", "text-embedding-nomic-embed-text-v1.5", "google/gemma-3-4b"):
@@ -268,7 +292,11 @@ def test_discovery_finds_and_approves_a_node(dash: Dashboard, node_factory: Any)
     expect(page.get_by_test_id("discover-row")).to_have_count(3)
     expect(page.get_by_test_id("discover-progress")).to_be_hidden()
     assert page.evaluate("window.progressSeen") is True
-    expect(page.locator(f'[data-testid="discover-row"][data-url="{dash.a.url}"]').get_by_test_id("discover-approved")).to_be_visible()
+    expect(
+        page.locator(f'[data-testid="discover-row"][data-url="{dash.a.url}"]').get_by_test_id(
+            "discover-approved"
+        )
+    ).to_be_visible()
     found.get_by_test_id("approve-btn").click()
     expect(found.get_by_test_id("discover-approved")).to_be_visible()
     added = [n for n in dash.api("GET", "/nodes")["data"] if n["url"] == extra.url]
@@ -320,7 +348,14 @@ class DesignStubs:
             {"id": "k1", "name": "<b>kitchen</b> tablet", "realm": "family", "created_at": 1_760_000_000},
         ]
         self.share = "lan"
-        self.cache = {"entries": 12, "bytes": 48_128, "hits": 30, "misses": 10, "coalesced": 4, "upstream_calls_saved": 34}
+        self.cache = {
+            "entries": 12,
+            "bytes": 48_128,
+            "hits": 30,
+            "misses": 10,
+            "coalesced": 4,
+            "upstream_calls_saved": 34,
+        }
 
     def install(self, app: Any) -> None:
         from starlette.responses import JSONResponse
@@ -329,8 +364,12 @@ class DesignStubs:
         async def keys(request: Any) -> Any:
             if request.method == "POST":
                 body = await request.json()
-                record = {"id": f"k{len(self.keys) + 1}", "name": body["name"], "realm": body.get("realm", "personal"),
-                          "created_at": 1_760_000_100}
+                record = {
+                    "id": f"k{len(self.keys) + 1}",
+                    "name": body["name"],
+                    "realm": body.get("realm", "personal"),
+                    "created_at": 1_760_000_100,
+                }
                 self.keys.append(record)
                 return JSONResponse({**record, "key": "vk-test-secret-shown-once"}, status_code=201)
             return JSONResponse({"object": "list", "data": self.keys})
@@ -345,8 +384,13 @@ class DesignStubs:
                 "key": [("k2", 10, 900, 2500), (None, 3, 200, 500)],
                 "model": [("qwen/qwen3-4b", 11, 1000, 2800), ("google/gemma-3-4b", 2, 100, 200)],
             }[request.query_params.get("group_by", "day")]
-            rows = [{"group": g, "requests": r, "prompt_tokens": p, "completion_tokens": c} for g, r, p, c in groups]
-            totals = {k: sum(row[k] for row in rows) for k in ("requests", "prompt_tokens", "completion_tokens")}
+            rows = [
+                {"group": g, "requests": r, "prompt_tokens": p, "completion_tokens": c}
+                for g, r, p, c in groups
+            ]
+            totals = {
+                k: sum(row[k] for row in rows) for k in ("requests", "prompt_tokens", "completion_tokens")
+            }
             return JSONResponse({"data": rows, "totals": totals})
 
         async def cache(request: Any) -> Any:
@@ -361,8 +405,10 @@ class DesignStubs:
 
         p = "/vampire/v1"
         app.starlette.router.routes[:0] = [
-            Route(f"{p}/keys", keys, methods=["GET", "POST"]), Route(f"{p}/keys/{{key_id}}", key, methods=["DELETE"]),
-            Route(f"{p}/usage", usage), Route(f"{p}/cache", cache, methods=["GET", "DELETE"]),
+            Route(f"{p}/keys", keys, methods=["GET", "POST"]),
+            Route(f"{p}/keys/{{key_id}}", key, methods=["DELETE"]),
+            Route(f"{p}/usage", usage),
+            Route(f"{p}/cache", cache, methods=["GET", "DELETE"]),
             Route(f"{p}/share", share, methods=["GET", "PUT"]),
         ]
 
@@ -413,8 +459,9 @@ def test_keys_usage_cache_and_share_panels_against_the_documented_shapes(dash: D
     dash.assert_clean()
 
 
-def test_admin_token_prompt_and_bearer_on_every_call(browser: Any, node_factory: Any, gateway_factory: Any,
-                                                     monkeypatch: Any) -> None:
+def test_admin_token_prompt_and_bearer_on_every_call(
+    browser: Any, node_factory: Any, gateway_factory: Any, monkeypatch: Any
+) -> None:
 
     a, b = node_factory(MODELS_A), node_factory(MODELS_B)
     gw = gateway_factory([a.url, b.url], admin_token="owner-token-123")
@@ -425,11 +472,17 @@ def test_admin_token_prompt_and_bearer_on_every_call(browser: Any, node_factory:
         dash = Dashboard(page, gw, a, b)
         dash.expected_refusals.add(401)
         sent: list[tuple[str, str | None]] = []
-        page.on("request", lambda req: sent.append((urlsplit(req.url).path, req.headers.get("authorization"))))
+        page.on(
+            "request", lambda req: sent.append((urlsplit(req.url).path, req.headers.get("authorization")))
+        )
         # The gateway still guards `/` itself; lend the token to that one navigation so the page's own
         # prompt is what the test exercises.
-        page.route(gw.url + "/", lambda route: route.continue_(
-            headers={**route.request.headers, "authorization": "Bearer owner-token-123"}))
+        page.route(
+            gw.url + "/",
+            lambda route: route.continue_(
+                headers={**route.request.headers, "authorization": "Bearer owner-token-123"}
+            ),
+        )
         page.goto(gw.url + "/")
         prompt = page.get_by_test_id("token-prompt")
         expect(prompt).to_be_visible()
@@ -472,7 +525,10 @@ def test_stop_sharing_switch(dash: Dashboard) -> None:
 def test_phone_layout_in_dark_mode(dash: Dashboard, browser: Any) -> None:
     """A phone-sized, dark page: nothing wider than the screen, buttons big enough to touch."""
     context = browser.new_context(
-        viewport={"width": 390, "height": 844}, device_scale_factor=2, is_mobile=True, has_touch=True,
+        viewport={"width": 390, "height": 844},
+        device_scale_factor=2,
+        is_mobile=True,
+        has_touch=True,
         color_scheme="dark",
     )
     try:

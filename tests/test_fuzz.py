@@ -48,14 +48,24 @@ MARKERS = (b"Traceback", b'File "')
 # log (refusals); the control plane writes everything else.
 DATA_LISTINGS = ("/vampire/v1/usage", "/vampire/v1/audit")
 LISTINGS = (
-    "/vampire/v1/status", "/vampire/v1/nodes", "/vampire/v1/models", "/vampire/v1/routes", "/vampire/v1/keys",
-    "/vampire/v1/realms", "/vampire/v1/share", "/vampire/v1/usage", "/vampire/v1/audit", "/",
+    "/vampire/v1/status",
+    "/vampire/v1/nodes",
+    "/vampire/v1/models",
+    "/vampire/v1/routes",
+    "/vampire/v1/keys",
+    "/vampire/v1/realms",
+    "/vampire/v1/share",
+    "/vampire/v1/usage",
+    "/vampire/v1/audit",
+    "/",
 )
 # A 503 is acceptable only for these reasons (code -> the message it carries); the node is healthy, so
 # no_node_available, queue_full, queue_timeout and circuit_open are not.
 ALLOWED_503 = {
     # a pin (`model@node`) naming the spare node, which is offline by design
-    "node_unavailable": re.compile(r"\ANode `.*` is (offline|unknown|unauthorized|draining|disabled|not trusted)\.\Z", re.S),
+    "node_unavailable": re.compile(
+        r"\ANode `.*` is (offline|unknown|unauthorized|draining|disabled|not trusted)\.\Z", re.S
+    ),
 }
 
 
@@ -66,10 +76,16 @@ def known_routes() -> dict[str, frozenset[str]]:
     for route in plane.routes():
         routes[route.path] = routes.get(route.path, frozenset()) | frozenset(route.methods or METHODS)
     data = {path: frozenset({"POST"}) for path in vampire._KIND_BY_PATH}
-    return routes | data | {
-        "/v1/models": frozenset({"GET"}), "/v1/models/{model}": frozenset({"GET"}),
-        "/healthz": frozenset({"GET"}), "/metrics": frozenset({"GET"}),
-    }
+    return (
+        routes
+        | data
+        | {
+            "/v1/models": frozenset({"GET"}),
+            "/v1/models/{model}": frozenset({"GET"}),
+            "/healthz": frozenset({"GET"}),
+            "/metrics": frozenset({"GET"}),
+        }
+    )
 
 
 ROUTES = known_routes()
@@ -124,7 +140,9 @@ def node_fields(node: vampire.Node) -> tuple[Any, ...]:
 def rig(bg: LoopThread, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
     node = vampire.MockNode(vampire.parse_model_specs(MODELS))
     bg.run(node.start("127.0.0.1", 0))
-    gw = start_gateway(bg, tmp_path_factory.mktemp("fuzz"), [node.url], max_body_bytes=MAX_BODY, cors_origins=[ORIGIN])
+    gw = start_gateway(
+        bg, tmp_path_factory.mktemp("fuzz"), [node.url], max_body_bytes=MAX_BODY, cors_origins=[ORIGIN]
+    )
     r = Rig(bg, gw, node, httpx.Client(timeout=TIMEOUT))
     try:
         wait_until(lambda: any(n.health == "online" for n in gw.app.registry.nodes.values()))
@@ -171,7 +189,10 @@ def send(rig: Rig, method: str, path: str, headers: dict[str, bytes], body: byte
     try:
         if route_of(path).rstrip("/") == "/vampire/v1/events":
             # An event stream never ends: it gets a connection of its own, closed once the head is read.
-            with httpx.Client(timeout=TIMEOUT) as one, one.stream(method, rig.url(path), headers=headers, content=body) as resp:
+            with (
+                httpx.Client(timeout=TIMEOUT) as one,
+                one.stream(method, rig.url(path), headers=headers, content=body) as resp,
+            ):
                 if resp.status_code == 200 and method != "HEAD":
                     assert resp.headers.get("content-type", "").startswith("text/event-stream"), what
                     return Answer(resp.status_code, resp.headers, b"", streamed=True)
@@ -193,8 +214,10 @@ def openai_envelope(doc: Any) -> bool:
     err = doc["error"]
     return (
         set(err) == {"message", "type", "param", "code"}
-        and isinstance(err["message"], str) and bool(err["message"])
-        and isinstance(err["type"], str) and bool(err["type"])
+        and isinstance(err["message"], str)
+        and bool(err["message"])
+        and isinstance(err["type"], str)
+        and bool(err["type"])
         and (err["param"] is None or isinstance(err["param"], str))
         and (err["code"] is None or isinstance(err["code"], str))
     )
@@ -202,10 +225,15 @@ def openai_envelope(doc: Any) -> bool:
 
 def anthropic_envelope(doc: Any) -> bool:
     return (
-        isinstance(doc, dict) and set(doc) == {"type", "error"} and doc["type"] == "error"
-        and isinstance(doc["error"], dict) and set(doc["error"]) == {"type", "message"}
-        and isinstance(doc["error"]["type"], str) and bool(doc["error"]["type"])
-        and isinstance(doc["error"]["message"], str) and bool(doc["error"]["message"])
+        isinstance(doc, dict)
+        and set(doc) == {"type", "error"}
+        and doc["type"] == "error"
+        and isinstance(doc["error"], dict)
+        and set(doc["error"]) == {"type", "message"}
+        and isinstance(doc["error"]["type"], str)
+        and bool(doc["error"]["type"])
+        and isinstance(doc["error"]["message"], str)
+        and bool(doc["error"]["message"])
     )
 
 
@@ -243,9 +271,14 @@ def idle(rig: Rig) -> bool:
 
     def check() -> bool:
         return (
-            not app.active and not app.admission.waiters and not app.sharing.flights
+            not app.active
+            and not app.admission.waiters
+            and not app.sharing.flights
             and not app.events.listened
-            and all(n.in_flight == 0 and not any(n.busy.values()) and not n.warming for n in app.registry.nodes.values())
+            and all(
+                n.in_flight == 0 and not any(n.busy.values()) and not n.warming
+                for n in app.registry.nodes.values()
+            )
             and all(q.active == 0 for q in app.policy._quotas.values())
         )
 
@@ -263,9 +296,13 @@ def listings_answer(rig: Rig, after: str, listings: tuple[str, ...] = LISTINGS) 
 
 def dead_tasks(rig: Rig) -> list[str]:
     """The gateway's background loops (health probes, ledger and audit flushing) must outlive any request."""
-    return rig.on_loop(lambda: [
-        f"{t.get_coro().__qualname__}: {t.exception()!r}" for t in rig.gw.app._tasks if t.done() and not t.cancelled()
-    ])
+    return rig.on_loop(
+        lambda: [
+            f"{t.get_coro().__qualname__}: {t.exception()!r}"
+            for t in rig.gw.app._tasks
+            if t.done() and not t.cancelled()
+        ]
+    )
 
 
 def revive(rig: Rig) -> None:
@@ -290,8 +327,12 @@ def restore(rig: Rig) -> None:
 
     def view() -> tuple[str, dict[str, tuple[Any, ...]], bool, dict[str, Any], list[str], bool]:
         return (
-            app.policy.share, {i: node_fields(n) for i, n in app.registry.nodes.items()}, bool(app.router.routes),
-            app.policy.realms[vampire.DEFAULT_REALM].public(), list(app.policy.keys), len(app.policy.realms) > 1,
+            app.policy.share,
+            {i: node_fields(n) for i, n in app.registry.nodes.items()},
+            bool(app.router.routes),
+            app.policy.realms[vampire.DEFAULT_REALM].public(),
+            list(app.policy.keys),
+            len(app.policy.realms) > 1,
         )
 
     share, nodes, routes, personal, keys, realms = rig.on_loop(view)
@@ -308,7 +349,10 @@ def restore(rig: Rig) -> None:
     for key_id in keys:
         assert rig.http.delete(rig.url(f"/vampire/v1/keys/{quote(key_id, safe='')}")).status_code == 200
     if personal != vampire.Realm(vampire.DEFAULT_REALM).public():
-        assert rig.http.post(rig.url("/vampire/v1/realms"), json={"name": vampire.DEFAULT_REALM}).status_code == 201
+        assert (
+            rig.http.post(rig.url("/vampire/v1/realms"), json={"name": vampire.DEFAULT_REALM}).status_code
+            == 201
+        )
     if routes or realms:
         # A route id may hold `/` or a lone surrogate, which no URL can name (nor SQLite store), and no
         # endpoint deletes a realm: both are dropped where they live.
@@ -372,10 +416,14 @@ def targets_real_node(rig: Rig, method: str, path: str) -> bool:
     """PATCH or DELETE of the real node would legitimately disable or remove it."""
     real = rig.gw.app.registry.nodes[rig.node_id]
     route = route_of(path).rstrip("/")
-    return method in ("PATCH", "DELETE") and any(route.endswith(f"/nodes/{ref}") for ref in (real.id, real.name))
+    return method in ("PATCH", "DELETE") and any(
+        route.endswith(f"/nodes/{ref}") for ref in (real.id, real.name)
+    )
 
 
-def exchange(rig: Rig, method: str, path: str, headers: dict[str, bytes], body: bytes, *, arbitrary: bool = True) -> None:
+def exchange(
+    rig: Rig, method: str, path: str, headers: dict[str, bytes], body: bytes, *, arbitrary: bool = True
+) -> None:
     """One example: send, judge, check that what it stored still renders, then restore the state. An
     arbitrary body is first kept on loopback; built ones (typed fields, fixed cases) are loopback-only already."""
     if arbitrary:
@@ -419,14 +467,51 @@ huge_ints = st.sampled_from([2**63, -(2**63) - 1, 2**64, 10**30, -(10**40), 2**1
 numbers = st.integers() | huge_ints | st.floats()
 scalars = st.none() | st.booleans() | numbers | wild_text
 KNOWN_KEYS = (
-    "model", "messages", "input", "prompt", "stream", "stream_options", "include_usage", "vampire", "tools",
-    "max_tokens", "temperature", "seed", "previous_response_id", "system", "role", "content", "type",
-    "image_url", "name", "mode", "id", "targets", "strategy", "fallback", "realm", "models", "nodes", "rpm",
-    "tpm", "max_concurrent", "expires_at", "state", "trusted", "token", "tags", "add", "cache", "coalesce",
+    "model",
+    "messages",
+    "input",
+    "prompt",
+    "stream",
+    "stream_options",
+    "include_usage",
+    "vampire",
+    "tools",
+    "max_tokens",
+    "temperature",
+    "seed",
+    "previous_response_id",
+    "system",
+    "role",
+    "content",
+    "type",
+    "image_url",
+    "name",
+    "mode",
+    "id",
+    "targets",
+    "strategy",
+    "fallback",
+    "realm",
+    "models",
+    "nodes",
+    "rpm",
+    "tpm",
+    "max_concurrent",
+    "expires_at",
+    "state",
+    "trusted",
+    "token",
+    "tags",
+    "add",
+    "cache",
+    "coalesce",
 )
 json_values = st.recursive(
     scalars,
-    lambda kids: st.lists(kids, max_size=4) | st.dictionaries(st.sampled_from(KNOWN_KEYS) | wild_text, kids, max_size=5),
+    lambda kids: (
+        st.lists(kids, max_size=4)
+        | st.dictionaries(st.sampled_from(KNOWN_KEYS) | wild_text, kids, max_size=5)
+    ),
     max_leaves=16,
 )
 
@@ -436,13 +521,32 @@ def nested(depth: int) -> bytes:
 
 
 SPECIAL_BODIES = (
-    b"", b"{", b"}", b"null", b"[]", b"{}", b'""', b"0", b"NaN", b"-Infinity", b"\x00", b"\xff\xfe", b"\xef\xbb\xbf{}",
-    b'{"model":"m"', b'{"model":"m","model":7}', b'{"model": "m", "messages": "hi"}',
+    b"",
+    b"{",
+    b"}",
+    b"null",
+    b"[]",
+    b"{}",
+    b'""',
+    b"0",
+    b"NaN",
+    b"-Infinity",
+    b"\x00",
+    b"\xff\xfe",
+    b"\xef\xbb\xbf{}",
+    b'{"model":"m"',
+    b'{"model":"m","model":7}',
+    b'{"model": "m", "messages": "hi"}',
     b'{"model":"m","messages":[{"role":"user","content":"\\ud800"}]}',
     b'{"model":"m","max_tokens":' + b"9" * 5000 + b"}",  # beyond Python's int-parsing limit
-    json.dumps(CHAT).encode("utf-16"), json.dumps(CHAT).encode("utf-32"),
-    nested(64), nested(5000), b"[" * 20000, b'{"a":' * 5000,
-    b" " * (MAX_BODY + 1), b'{"model":"m","messages":[],"pad":"' + b"x" * MAX_BODY + b'"}',
+    json.dumps(CHAT).encode("utf-16"),
+    json.dumps(CHAT).encode("utf-32"),
+    nested(64),
+    nested(5000),
+    b"[" * 20000,
+    b'{"a":' * 5000,
+    b" " * (MAX_BODY + 1),
+    b'{"model":"m","messages":[],"pad":"' + b"x" * MAX_BODY + b'"}',
 )
 bodies = st.one_of(
     st.binary(max_size=512),
@@ -453,7 +557,9 @@ bodies = st.one_of(
 )
 
 # Header values as a client can really send them: visible ASCII and obs-text, inner spaces only.
-header_values = st.from_regex(rb"\A([\x21-\x7e\x80-\xff]([\x20-\x7e\x80-\xff]{0,40}[\x21-\x7e\x80-\xff])?)?\Z")
+header_values = st.from_regex(
+    rb"\A([\x21-\x7e\x80-\xff]([\x20-\x7e\x80-\xff]{0,40}[\x21-\x7e\x80-\xff])?)?\Z"
+)
 
 
 def one_of_bytes(*fixed: bytes) -> st.SearchStrategy[bytes]:
@@ -462,10 +568,18 @@ def one_of_bytes(*fixed: bytes) -> st.SearchStrategy[bytes]:
 
 HEADER_STRATEGIES: dict[str, st.SearchStrategy[bytes]] = {
     "content-type": one_of_bytes(
-        b"application/json", b"text/plain", b"application/json; charset=utf-16", b"multipart/form-data; boundary=x",
-        b"application/x-www-form-urlencoded", b"*/*", b"application/json;;;", b"text/event-stream",
+        b"application/json",
+        b"text/plain",
+        b"application/json; charset=utf-16",
+        b"multipart/form-data; boundary=x",
+        b"application/x-www-form-urlencoded",
+        b"*/*",
+        b"application/json;;;",
+        b"text/event-stream",
     ),
-    "authorization": one_of_bytes(b"Bearer", b"Bearer vk-", b"Bearer vk-abc_def", b"bearer vk-x_y", b"Basic Og==")
+    "authorization": one_of_bytes(
+        b"Bearer", b"Bearer vk-", b"Bearer vk-abc_def", b"bearer vk-x_y", b"Basic Og=="
+    )
     | header_values.map(lambda v: b"Bearer " + v)
     | header_values.map(lambda v: b"Bearer vk-" + v),
     "x-api-key": one_of_bytes(b"vk-", b"vk-deadbeef_x", b"sk-ant-x"),
@@ -474,7 +588,9 @@ HEADER_STRATEGIES: dict[str, st.SearchStrategy[bytes]] = {
     "x-vampire-node": header_values,
     "x-vampire-cache": one_of_bytes(b"hit", b"bypass"),
     "x-vampire-request-id": header_values,
-    "cache-control": one_of_bytes(b"no-store", b"no-cache", b"NO-STORE, max-age=0", b"max-age=-1", b"private"),
+    "cache-control": one_of_bytes(
+        b"no-store", b"no-cache", b"NO-STORE, max-age=0", b"max-age=-1", b"private"
+    ),
     "accept": one_of_bytes(b"text/event-stream", b"application/json", b"*/*"),
     "accept-encoding": one_of_bytes(b"gzip", b"br", b"identity;q=0", b"*"),
     "origin": one_of_bytes(ORIGIN.encode(), b"null", b"http://elsewhere.invalid"),
@@ -496,17 +612,63 @@ def url_quote(text: str) -> str:
 
 path_segments = st.one_of(
     wild_text.map(url_quote),
-    st.sampled_from([
-        "", ".", "..", "%2e%2e", "%2E%2E%2F", "%00", "%ff", "%", "%zz", "%2F", "models", "chat", "completions",
-        "embeddings", "messages", "responses", "nodes", "routes", "keys", "realms", "probe", "events", "share",
-        SPARE_ID, "m", "e", "vampire:auto", "m@" + SPARE_ID, "a" * 300,
-    ]),
+    st.sampled_from(
+        [
+            "",
+            ".",
+            "..",
+            "%2e%2e",
+            "%2E%2E%2F",
+            "%00",
+            "%ff",
+            "%",
+            "%zz",
+            "%2F",
+            "models",
+            "chat",
+            "completions",
+            "embeddings",
+            "messages",
+            "responses",
+            "nodes",
+            "routes",
+            "keys",
+            "realms",
+            "probe",
+            "events",
+            "share",
+            SPARE_ID,
+            "m",
+            "e",
+            "vampire:auto",
+            "m@" + SPARE_ID,
+            "a" * 300,
+        ]
+    ),
 )
-query_keys = st.sampled_from(["model", "kind", "vision", "tools", "strategy", "group_by", "since", "vampire_detail"])
-query_values = st.sampled_from([
-    "", "true", "m", "e", "chat", "embedding", "auto", "nope", "day", "key", "0001-01-01T00:00:00+14:00",
-    "9999-12-31T23:59:59-14:00", "Z", "%", "m@" + SPARE_ID, "vampire:auto",
-])
+query_keys = st.sampled_from(
+    ["model", "kind", "vision", "tools", "strategy", "group_by", "since", "vampire_detail"]
+)
+query_values = st.sampled_from(
+    [
+        "",
+        "true",
+        "m",
+        "e",
+        "chat",
+        "embedding",
+        "auto",
+        "nope",
+        "day",
+        "key",
+        "0001-01-01T00:00:00+14:00",
+        "9999-12-31T23:59:59-14:00",
+        "Z",
+        "%",
+        "m@" + SPARE_ID,
+        "vampire:auto",
+    ]
+)
 queries = st.one_of(
     st.just(""),
     st.lists(st.tuples(query_keys | wild_text, query_values | wild_text), max_size=4).map(
@@ -517,119 +679,262 @@ PARAMS = {
     "node_id": st.sampled_from([SPARE_ID, "nope", "127.9.9.9:9"]) | path_segments,
     "route_id": st.sampled_from(["r", "nope"]) | path_segments,
     "key_id": st.sampled_from(["nope", "deadbeef"]) | path_segments,
-    "model": st.sampled_from(["m", "e", "vampire:auto", "nope", "m@" + SPARE_ID, "a/b", "m@nope"]) | path_segments,
+    "model": st.sampled_from(["m", "e", "vampire:auto", "nope", "m@" + SPARE_ID, "a/b", "m@nope"])
+    | path_segments,
 }
 
 # Data-plane requests that look right but are wrong in one or more ways.
 wrong_models = st.one_of(
-    st.sampled_from(["m", "e", "vampire:auto", "M", "m@" + SPARE_ID, "m@nope", "m@", "@", "", " m", "m\x00", "\ud800"]),
-    wild_text, numbers, st.none(), st.booleans(), st.lists(scalars, max_size=3),
+    st.sampled_from(
+        ["m", "e", "vampire:auto", "M", "m@" + SPARE_ID, "m@nope", "m@", "@", "", " m", "m\x00", "\ud800"]
+    ),
+    wild_text,
+    numbers,
+    st.none(),
+    st.booleans(),
+    st.lists(scalars, max_size=3),
     st.dictionaries(st.sampled_from(KNOWN_KEYS), scalars, max_size=2),
 )
 contents = st.one_of(
-    wild_text, json_values,
-    st.lists(st.fixed_dictionaries({"type": st.sampled_from(["text", "image_url", "input_image", "image"]) | wild_text},
-                                   optional={"text": scalars, "image_url": json_values}), max_size=3),
+    wild_text,
+    json_values,
+    st.lists(
+        st.fixed_dictionaries(
+            {"type": st.sampled_from(["text", "image_url", "input_image", "image"]) | wild_text},
+            optional={"text": scalars, "image_url": json_values},
+        ),
+        max_size=3,
+    ),
 )
 messages = mostly(
-    st.lists(st.fixed_dictionaries({"role": mostly(st.sampled_from(["user", "system", "assistant", "tool"]), scalars)},
-                                   optional={"content": contents, "name": scalars, "tool_calls": json_values}),
-             max_size=4),
+    st.lists(
+        st.fixed_dictionaries(
+            {"role": mostly(st.sampled_from(["user", "system", "assistant", "tool"]), scalars)},
+            optional={"content": contents, "name": scalars, "tool_calls": json_values},
+        ),
+        max_size=4,
+    ),
     wild_text | json_values,
 )
 wrong_requests = st.fixed_dictionaries(
     {"model": mostly(st.sampled_from(["m", "e", "vampire:auto"]), wrong_models)},
     optional={
-        "messages": messages, "input": st.one_of(wild_text, st.lists(wild_text, max_size=3), json_values),
-        "prompt": wild_text | json_values, "system": contents,
-        "stream": st.booleans() | scalars, "stream_options": st.just({"include_usage": True}) | json_values,
-        "vampire": json_values | st.fixed_dictionaries({}, optional={
-            "strategy": st.sampled_from(vampire.STRATEGIES) | scalars, "cache": scalars, "coalesce": scalars,
-        }),
-        "tools": json_values, "max_tokens": numbers | scalars, "temperature": st.just(0) | numbers,
-        "seed": numbers, "n": numbers, "previous_response_id": st.sampled_from(["resp_x", ""]) | scalars,
+        "messages": messages,
+        "input": st.one_of(wild_text, st.lists(wild_text, max_size=3), json_values),
+        "prompt": wild_text | json_values,
+        "system": contents,
+        "stream": st.booleans() | scalars,
+        "stream_options": st.just({"include_usage": True}) | json_values,
+        "vampire": json_values
+        | st.fixed_dictionaries(
+            {},
+            optional={
+                "strategy": st.sampled_from(vampire.STRATEGIES) | scalars,
+                "cache": scalars,
+                "coalesce": scalars,
+            },
+        ),
+        "tools": json_values,
+        "max_tokens": numbers | scalars,
+        "temperature": st.just(0) | numbers,
+        "seed": numbers,
+        "n": numbers,
+        "previous_response_id": st.sampled_from(["resp_x", ""]) | scalars,
     },
 )
 
 # Control-plane fields. Node URLs have loopback literals for hosts (or none): nothing is resolved by DNS.
-url_hosts = st.sampled_from(["127.9.9.7", "127.0.0.2", "127.200.1.1", "[::1]", "localhost", "", "[::1", "[zz]"])
+url_hosts = st.sampled_from(
+    ["127.9.9.7", "127.0.0.2", "127.200.1.1", "[::1]", "localhost", "", "[::1", "[zz]"]
+)
 url_ports = st.sampled_from(["", ":1", ":9", ":0", ":65536", ":99999", ":abc", ":-1", ":", ":1:2"])
 url_schemes = st.sampled_from(["http://", "https://", "HTTP://", "", "ftp://", "//", "file://"])
 url_paths = st.sampled_from(["", "/", "/v1", "/v1/", "/x/y", "/%00", "?q=1", "#tok", "#"]) | wild_text.map(
     lambda s: "/" + url_quote(s)
 )
-odd_urls = st.builds(lambda *parts: "".join(parts), url_schemes, st.sampled_from(["", "u:p@"]), url_hosts, url_ports,
-                     url_paths)
+odd_urls = st.builds(
+    lambda *parts: "".join(parts), url_schemes, st.sampled_from(["", "u:p@"]), url_hosts, url_ports, url_paths
+)
 node_urls = st.one_of(
-    st.builds(lambda host, port, path: f"http://{host}{port}{path}", st.sampled_from(["127.9.9.7", "[::1]"]),
-              st.sampled_from([":1", ":9"]), url_paths),
-    odd_urls, odd_urls,
+    st.builds(
+        lambda host, port, path: f"http://{host}{port}{path}",
+        st.sampled_from(["127.9.9.7", "[::1]"]),
+        st.sampled_from([":1", ":9"]),
+        url_paths,
+    ),
+    odd_urls,
+    odd_urls,
     st.sampled_from(["", " ", "#", "#token", "://", "http://", "http:///x", "ftp://x", SPARE_URL]),
     st.none() | numbers | st.lists(scalars, max_size=2) | st.booleans(),
 )
 subnet_lists = mostly(
     st.just(["127.0.0.0/30"]),
     st.one_of(
-        st.lists(st.sampled_from(["127.0.0.0/30", "127.0.0.1", "127.0.0.1/32", "::1/128", "127.0.0.0/31", "nope", "",
-                                  "127.0.0.0/33", "::1/129", "127.0.0.300/32", "127.0.0.0/8", None, 1.5, True, [], {}]),
-                 min_size=1, max_size=3),
+        st.lists(
+            st.sampled_from(
+                [
+                    "127.0.0.0/30",
+                    "127.0.0.1",
+                    "127.0.0.1/32",
+                    "::1/128",
+                    "127.0.0.0/31",
+                    "nope",
+                    "",
+                    "127.0.0.0/33",
+                    "::1/129",
+                    "127.0.0.300/32",
+                    "127.0.0.0/8",
+                    None,
+                    1.5,
+                    True,
+                    [],
+                    {},
+                ]
+            ),
+            min_size=1,
+            max_size=3,
+        ),
         st.sampled_from([[], "127.0.0.0/30", None, {}, 5]),
     ),
 )
 port_lists = mostly(
     st.lists(st.sampled_from([1, 9]), min_size=1, max_size=2),
-    st.one_of(st.lists(st.sampled_from([9, 0, -1, 65536, 99999, 2**70, True, False, "9", 9.0, None]), min_size=1,
-                       max_size=3), st.sampled_from([9, "9", None, {}])),
+    st.one_of(
+        st.lists(
+            st.sampled_from([9, 0, -1, 65536, 99999, 2**70, True, False, "9", 9.0, None]),
+            min_size=1,
+            max_size=3,
+        ),
+        st.sampled_from([9, "9", None, {}]),
+    ),
 )
 timeouts = mostly(
     st.integers(0, 100),
     st.sampled_from([-100, 1e308, -1e308, "50", "abc", "nan", "inf", [], {}, None, True]) | st.floats(),
 )
-names = mostly(wild_text, st.sampled_from(["personal", "", "a" * 65, "a/b", "vampire:auto", "m"]) | scalars | json_values)
+names = mostly(
+    wild_text, st.sampled_from(["personal", "", "a" * 65, "a/b", "vampire:auto", "m"]) | scalars | json_values
+)
 realm_names = mostly(st.from_regex(r"\A[A-Za-z0-9_.-]{1,64}\Z"), names)
-name_lists = mostly(st.lists(mostly(st.sampled_from(["m", "e", SPARE_ID]), wild_text), max_size=3), scalars | json_values)
-limits = mostly(st.integers(1, 1000), st.sampled_from([0, -1, 2**63, 2**1000, 1.5, "5", True, None]) | scalars)
+name_lists = mostly(
+    st.lists(mostly(st.sampled_from(["m", "e", SPARE_ID]), wild_text), max_size=3), scalars | json_values
+)
+limits = mostly(
+    st.integers(1, 1000), st.sampled_from([0, -1, 2**63, 2**1000, 1.5, "5", True, None]) | scalars
+)
 route_targets = mostly(
-    st.lists(st.fixed_dictionaries({"model": mostly(st.sampled_from(["m", "e", "zz"]), wild_text | scalars)},
-                                   optional={"node": st.sampled_from([SPARE_ID, "nope"]) | scalars}),
-             min_size=1, max_size=3),
+    st.lists(
+        st.fixed_dictionaries(
+            {"model": mostly(st.sampled_from(["m", "e", "zz"]), wild_text | scalars)},
+            optional={"node": st.sampled_from([SPARE_ID, "nope"]) | scalars},
+        ),
+        min_size=1,
+        max_size=3,
+    ),
     json_values,
 )
 SPARE_PATH = f"/vampire/v1/nodes/{SPARE_ID}"
 # (method, path, body) for every control-plane endpoint that reads a body.
 CONTROL_BODIES: dict[str, st.SearchStrategy[tuple[str, str, Any]]] = {
-    "add-node": st.tuples(st.just("POST"), st.just("/vampire/v1/nodes"), st.fixed_dictionaries(
-        {"url": node_urls},
-        optional={"token": scalars, "name": names, "trusted": scalars, "tags": mostly(st.lists(wild_text), json_values)},
-    )),
-    "patch-node": st.tuples(st.just("PATCH"), st.just(SPARE_PATH), st.fixed_dictionaries({}, optional={
-        "name": names, "trusted": scalars, "token": scalars,
-        "state": mostly(st.sampled_from(["online", "draining", "disabled"]), st.just("ONLINE") | scalars),
-    })),
-    "delete-or-probe-node": st.tuples(st.sampled_from(["DELETE", "POST"]), st.sampled_from([SPARE_PATH, SPARE_PATH + "/probe"]),
-                                      json_values),
-    "discover": st.tuples(st.just("POST"), st.just("/vampire/v1/discover"), st.fixed_dictionaries(
-        {"subnets": subnet_lists}, optional={"ports": port_lists, "timeout_ms": timeouts, "add": scalars},
-    )),
-    "save-route": st.tuples(st.just("POST"), st.just("/vampire/v1/routes"), st.fixed_dictionaries(
-        {"id": names, "targets": route_targets},
-        optional={"model": names, "strategy": mostly(st.sampled_from(vampire.STRATEGIES), scalars), "fallback": names},
-    )),
-    "create-key": st.tuples(st.just("POST"), st.just("/vampire/v1/keys"), st.fixed_dictionaries(
-        {"name": names},
-        optional={"realm": mostly(st.just(vampire.DEFAULT_REALM), names), "models": name_lists, "rpm": limits,
-                  "tpm": limits, "max_concurrent": limits,
-                  "expires_at": mostly(st.integers(0, 2**40), st.sampled_from([1e308, 2**70, "soon", True]) | numbers)},
-    )),
-    "save-realm": st.tuples(st.just("POST"), st.just("/vampire/v1/realms"), st.fixed_dictionaries(
-        {"name": realm_names},
-        optional={"nodes": name_lists, "models": name_lists, "rpm": limits, "tpm": limits, "max_concurrent": limits},
-    )),
-    "put-share": st.tuples(st.just("PUT"), st.just("/vampire/v1/share"), st.fixed_dictionaries({}, optional={
-        "mode": mostly(st.sampled_from(vampire.SHARE_MODES), st.sampled_from(["LOCAL", "on", ""]) | scalars),
-    })),
-    "deletes": st.tuples(st.just("DELETE"), st.sampled_from(["/vampire/v1/cache", "/vampire/v1/keys/nope",
-                                                             "/vampire/v1/routes/nope"]), json_values),
+    "add-node": st.tuples(
+        st.just("POST"),
+        st.just("/vampire/v1/nodes"),
+        st.fixed_dictionaries(
+            {"url": node_urls},
+            optional={
+                "token": scalars,
+                "name": names,
+                "trusted": scalars,
+                "tags": mostly(st.lists(wild_text), json_values),
+            },
+        ),
+    ),
+    "patch-node": st.tuples(
+        st.just("PATCH"),
+        st.just(SPARE_PATH),
+        st.fixed_dictionaries(
+            {},
+            optional={
+                "name": names,
+                "trusted": scalars,
+                "token": scalars,
+                "state": mostly(
+                    st.sampled_from(["online", "draining", "disabled"]), st.just("ONLINE") | scalars
+                ),
+            },
+        ),
+    ),
+    "delete-or-probe-node": st.tuples(
+        st.sampled_from(["DELETE", "POST"]), st.sampled_from([SPARE_PATH, SPARE_PATH + "/probe"]), json_values
+    ),
+    "discover": st.tuples(
+        st.just("POST"),
+        st.just("/vampire/v1/discover"),
+        st.fixed_dictionaries(
+            {"subnets": subnet_lists},
+            optional={"ports": port_lists, "timeout_ms": timeouts, "add": scalars},
+        ),
+    ),
+    "save-route": st.tuples(
+        st.just("POST"),
+        st.just("/vampire/v1/routes"),
+        st.fixed_dictionaries(
+            {"id": names, "targets": route_targets},
+            optional={
+                "model": names,
+                "strategy": mostly(st.sampled_from(vampire.STRATEGIES), scalars),
+                "fallback": names,
+            },
+        ),
+    ),
+    "create-key": st.tuples(
+        st.just("POST"),
+        st.just("/vampire/v1/keys"),
+        st.fixed_dictionaries(
+            {"name": names},
+            optional={
+                "realm": mostly(st.just(vampire.DEFAULT_REALM), names),
+                "models": name_lists,
+                "rpm": limits,
+                "tpm": limits,
+                "max_concurrent": limits,
+                "expires_at": mostly(
+                    st.integers(0, 2**40), st.sampled_from([1e308, 2**70, "soon", True]) | numbers
+                ),
+            },
+        ),
+    ),
+    "save-realm": st.tuples(
+        st.just("POST"),
+        st.just("/vampire/v1/realms"),
+        st.fixed_dictionaries(
+            {"name": realm_names},
+            optional={
+                "nodes": name_lists,
+                "models": name_lists,
+                "rpm": limits,
+                "tpm": limits,
+                "max_concurrent": limits,
+            },
+        ),
+    ),
+    "put-share": st.tuples(
+        st.just("PUT"),
+        st.just("/vampire/v1/share"),
+        st.fixed_dictionaries(
+            {},
+            optional={
+                "mode": mostly(
+                    st.sampled_from(vampire.SHARE_MODES), st.sampled_from(["LOCAL", "on", ""]) | scalars
+                ),
+            },
+        ),
+    ),
+    "deletes": st.tuples(
+        st.just("DELETE"),
+        st.sampled_from(["/vampire/v1/cache", "/vampire/v1/keys/nope", "/vampire/v1/routes/nope"]),
+        json_values,
+    ),
 }
 
 
@@ -641,10 +946,17 @@ def test_every_known_route_takes_random_methods_headers_and_bodies(rig: Rig, tem
     allowed = sorted(ROUTES[template])
 
     @fuzz(30)
-    @given(data=st.data(), method=mostly(st.sampled_from(allowed), st.sampled_from(METHODS)), headers=header_sets,
-           body=bodies, query=queries)
+    @given(
+        data=st.data(),
+        method=mostly(st.sampled_from(allowed), st.sampled_from(METHODS)),
+        headers=header_sets,
+        body=bodies,
+        query=queries,
+    )
     def run(data: st.DataObject, method: str, headers: dict[str, bytes], body: bytes, query: str) -> None:
-        path = re.sub(r"\{(\w+)(?::\w+)?\}", lambda m: data.draw(PARAMS[m.group(1)], label=m.group(1)), template)
+        path = re.sub(
+            r"\{(\w+)(?::\w+)?\}", lambda m: data.draw(PARAMS[m.group(1)], label=m.group(1)), template
+        )
         exchange(rig, method, path + query, headers, body)
 
     run()
@@ -676,8 +988,13 @@ def test_data_plane_takes_malformed_bodies(rig: Rig, path: str) -> None:
 @pytest.mark.parametrize("prefix", ["/v1/", "/vampire/v1/", "/api/", "/vampire/", "/", "/V1/", "//v1/"])
 def test_random_paths_and_methods_under_every_prefix(rig: Rig, prefix: str) -> None:
     @fuzz(30)
-    @given(segments=st.lists(path_segments, max_size=5), query=queries, method=st.sampled_from(METHODS),
-           headers=header_sets, body=bodies)
+    @given(
+        segments=st.lists(path_segments, max_size=5),
+        query=queries,
+        method=st.sampled_from(METHODS),
+        headers=header_sets,
+        body=bodies,
+    )
     def run(segments: list[str], query: str, method: str, headers: dict[str, bytes], body: bytes) -> None:
         exchange(rig, method, prefix + "/".join(segments) + query, headers, body)
 
@@ -709,7 +1026,9 @@ def test_control_plane_takes_malformed_bodies(rig: Rig, endpoint: str) -> None:
     assert_intact(rig)
 
 
-@pytest.mark.parametrize("path", ["/vampire/v1/routing/explain", "/vampire/v1/usage", "/v1/models", "/v1/models/{model}"])
+@pytest.mark.parametrize(
+    "path", ["/vampire/v1/routing/explain", "/vampire/v1/usage", "/v1/models", "/v1/models/{model}"]
+)
 def test_queries_take_garbage(rig: Rig, path: str) -> None:
     @fuzz(40)
     @given(data=st.data(), query=queries, headers=header_sets)
@@ -725,8 +1044,13 @@ def test_queries_take_garbage(rig: Rig, path: str) -> None:
 
 BODY_ENDPOINTS = [
     *(("POST", path) for path in DATA_PATHS),
-    ("POST", "/vampire/v1/nodes"), ("PATCH", SPARE_PATH), ("POST", "/vampire/v1/discover"), ("POST", "/vampire/v1/routes"),
-    ("POST", "/vampire/v1/keys"), ("POST", "/vampire/v1/realms"), ("PUT", "/vampire/v1/share"),
+    ("POST", "/vampire/v1/nodes"),
+    ("PATCH", SPARE_PATH),
+    ("POST", "/vampire/v1/discover"),
+    ("POST", "/vampire/v1/routes"),
+    ("POST", "/vampire/v1/keys"),
+    ("POST", "/vampire/v1/realms"),
+    ("PUT", "/vampire/v1/share"),
 ]
 
 
@@ -754,42 +1078,123 @@ TRICKY = [
     pytest.param("POST", "/v1/chat/completions", JSON, nested(5000), id="deeply-nested-chat"),
     pytest.param("PUT", "/v1/models", JSON, nested(5000), id="deeply-nested-relayed-to-the-node"),
     pytest.param("POST", "/vampire/v1/routes", JSON, b"[" * 5000, id="deeply-nested-control"),
-    pytest.param("POST", "/v1/chat/completions", JSON, fields(model=SURROGATE, messages=CHAT["messages"]),
-                 id="surrogate-model"),
-    pytest.param("POST", "/v1/embeddings", JSON, fields(model="e", input=SURROGATE), id="surrogate-in-cacheable-request"),
-    pytest.param("POST", "/v1/chat/completions", JSON, fields(model=SPARE_PIN, messages=CHAT["messages"]),
-                 id="pin-to-the-offline-spare"),
-    pytest.param("OPTIONS", "/v1/messages", {"origin": b"http://elsewhere.invalid", "access-control-request-method": b"POST"},
-                 b"", id="refused-preflight-on-messages"),
-    pytest.param("POST", "/vampire/v1/nodes", JSON, fields(url="http://127.9.9.7:abc"), id="node-port-not-a-number"),
-    pytest.param("POST", "/vampire/v1/nodes", JSON, fields(url="http://127.9.9.7:70000"), id="node-port-out-of-range"),
+    pytest.param(
+        "POST",
+        "/v1/chat/completions",
+        JSON,
+        fields(model=SURROGATE, messages=CHAT["messages"]),
+        id="surrogate-model",
+    ),
+    pytest.param(
+        "POST",
+        "/v1/embeddings",
+        JSON,
+        fields(model="e", input=SURROGATE),
+        id="surrogate-in-cacheable-request",
+    ),
+    pytest.param(
+        "POST",
+        "/v1/chat/completions",
+        JSON,
+        fields(model=SPARE_PIN, messages=CHAT["messages"]),
+        id="pin-to-the-offline-spare",
+    ),
+    pytest.param(
+        "OPTIONS",
+        "/v1/messages",
+        {"origin": b"http://elsewhere.invalid", "access-control-request-method": b"POST"},
+        b"",
+        id="refused-preflight-on-messages",
+    ),
+    pytest.param(
+        "POST", "/vampire/v1/nodes", JSON, fields(url="http://127.9.9.7:abc"), id="node-port-not-a-number"
+    ),
+    pytest.param(
+        "POST", "/vampire/v1/nodes", JSON, fields(url="http://127.9.9.7:70000"), id="node-port-out-of-range"
+    ),
     pytest.param("POST", "/vampire/v1/nodes", JSON, fields(url="http://[::1"), id="node-url-open-bracket"),
-    pytest.param("POST", "/vampire/v1/nodes", JSON, fields(url="http://127.9.9.7:9", tags=5), id="node-tags-not-a-list"),
-    pytest.param("POST", "/vampire/v1/nodes", JSON, fields(url="http://127.9.9.7:9", token=SURROGATE),
-                 id="node-token-surrogate"),
+    pytest.param(
+        "POST", "/vampire/v1/nodes", JSON, fields(url="http://127.9.9.7:9", tags=5), id="node-tags-not-a-list"
+    ),
+    pytest.param(
+        "POST",
+        "/vampire/v1/nodes",
+        JSON,
+        fields(url="http://127.9.9.7:9", token=SURROGATE),
+        id="node-token-surrogate",
+    ),
     pytest.param("PATCH", SPARE_PATH, JSON, fields(name=SURROGATE), id="node-rename-surrogate"),
     pytest.param("PATCH", SPARE_PATH, JSON, fields(token=SURROGATE), id="node-token-change-surrogate"),
-    pytest.param("POST", "/vampire/v1/discover", JSON, fields(subnets=["127.0.0.0/30"], ports=[70000]),
-                 id="discover-port-out-of-range"),
-    pytest.param("POST", "/vampire/v1/discover", JSON, fields(subnets=["127.0.0.0/30"], ports=[-1]),
-                 id="discover-port-negative"),
-    pytest.param("POST", "/vampire/v1/discover", JSON, fields(subnets=["127.0.0.0/30"], ports=[True]),
-                 id="discover-port-boolean"),
-    pytest.param("POST", "/vampire/v1/discover", JSON, fields(subnets=["127.0.0.0/30"], ports=[9], timeout_ms="abc"),
-                 id="discover-timeout-text"),
-    pytest.param("POST", "/vampire/v1/discover", JSON, fields(subnets=["127.0.0.0/30"], ports=[9], timeout_ms=None),
-                 id="discover-timeout-null"),
+    pytest.param(
+        "POST",
+        "/vampire/v1/discover",
+        JSON,
+        fields(subnets=["127.0.0.0/30"], ports=[70000]),
+        id="discover-port-out-of-range",
+    ),
+    pytest.param(
+        "POST",
+        "/vampire/v1/discover",
+        JSON,
+        fields(subnets=["127.0.0.0/30"], ports=[-1]),
+        id="discover-port-negative",
+    ),
+    pytest.param(
+        "POST",
+        "/vampire/v1/discover",
+        JSON,
+        fields(subnets=["127.0.0.0/30"], ports=[True]),
+        id="discover-port-boolean",
+    ),
+    pytest.param(
+        "POST",
+        "/vampire/v1/discover",
+        JSON,
+        fields(subnets=["127.0.0.0/30"], ports=[9], timeout_ms="abc"),
+        id="discover-timeout-text",
+    ),
+    pytest.param(
+        "POST",
+        "/vampire/v1/discover",
+        JSON,
+        fields(subnets=["127.0.0.0/30"], ports=[9], timeout_ms=None),
+        id="discover-timeout-null",
+    ),
     pytest.param("POST", "/vampire/v1/keys", JSON, fields(name=SURROGATE), id="key-name-surrogate"),
-    pytest.param("POST", "/vampire/v1/keys", JSON, fields(name="k", models=[SURROGATE]), id="key-model-surrogate"),
+    pytest.param(
+        "POST", "/vampire/v1/keys", JSON, fields(name="k", models=[SURROGATE]), id="key-model-surrogate"
+    ),
     pytest.param("POST", "/vampire/v1/keys", JSON, b'{"name": "k", "expires_at": NaN}', id="key-expiry-nan"),
-    pytest.param("POST", "/vampire/v1/keys", JSON, b'{"name": "k", "expires_at": 1e400}', id="key-expiry-infinite"),
-    pytest.param("POST", "/vampire/v1/realms", JSON, fields(name="r", models=[SURROGATE]), id="realm-model-surrogate"),
-    pytest.param("POST", "/vampire/v1/realms", JSON, fields(name="r", nodes=[SURROGATE]), id="realm-node-surrogate"),
-    pytest.param("POST", "/vampire/v1/routes", JSON, fields(id=SURROGATE, targets=[{"model": "m"}]), id="route-id-surrogate"),
-    pytest.param("POST", "/vampire/v1/routes", JSON, fields(id="r", targets=[{"model": SURROGATE}]),
-                 id="route-target-surrogate"),
-    pytest.param("POST", "/vampire/v1/routes", JSON, fields(id="r", targets=[{"model": "m"}], fallback=SURROGATE),
-                 id="route-fallback-surrogate"),
+    pytest.param(
+        "POST", "/vampire/v1/keys", JSON, b'{"name": "k", "expires_at": 1e400}', id="key-expiry-infinite"
+    ),
+    pytest.param(
+        "POST", "/vampire/v1/realms", JSON, fields(name="r", models=[SURROGATE]), id="realm-model-surrogate"
+    ),
+    pytest.param(
+        "POST", "/vampire/v1/realms", JSON, fields(name="r", nodes=[SURROGATE]), id="realm-node-surrogate"
+    ),
+    pytest.param(
+        "POST",
+        "/vampire/v1/routes",
+        JSON,
+        fields(id=SURROGATE, targets=[{"model": "m"}]),
+        id="route-id-surrogate",
+    ),
+    pytest.param(
+        "POST",
+        "/vampire/v1/routes",
+        JSON,
+        fields(id="r", targets=[{"model": SURROGATE}]),
+        id="route-target-surrogate",
+    ),
+    pytest.param(
+        "POST",
+        "/vampire/v1/routes",
+        JSON,
+        fields(id="r", targets=[{"model": "m"}], fallback=SURROGATE),
+        id="route-fallback-surrogate",
+    ),
 ]
 
 
@@ -810,4 +1215,6 @@ def test_head_of_the_event_stream_ends_its_answer(rig: Rig) -> None:
         except AssertionError:
             ended = False
     wait_until(lambda: idle(rig))  # closing the connection ends the stream either way
-    assert ended, "HEAD /vampire/v1/events is still streaming on its open connection: the next request on it hangs"
+    assert ended, (
+        "HEAD /vampire/v1/events is still streaming on its open connection: the next request on it hangs"
+    )

@@ -50,19 +50,34 @@ def test_share_keys_requires_a_valid_key_in_both_formats(setup: Any) -> None:
     node, gw = setup
     share(gw, "keys")
     with pytest.raises(openai.AuthenticationError) as info:
-        openai.OpenAI(base_url=gw.v1, api_key="not-a-vampire-key", max_retries=0).chat.completions.create(model="m", **CHAT)
+        openai.OpenAI(base_url=gw.v1, api_key="not-a-vampire-key", max_retries=0).chat.completions.create(
+            model="m", **CHAT
+        )
     assert info.value.status_code == 401
-    assert info.value.body == {"message": "A Vampire key (vk-…) is required: send it as `Authorization: Bearer <key>`.",
-                               "type": "authentication_error", "param": None, "code": "invalid_api_key"}
+    assert info.value.body == {
+        "message": "A Vampire key (vk-…) is required: send it as `Authorization: Bearer <key>`.",
+        "type": "authentication_error",
+        "param": None,
+        "code": "invalid_api_key",
+    }
     with pytest.raises(anthropic.AuthenticationError) as ainfo:
-        anthropic.Anthropic(base_url=gw.url, api_key="nope", max_retries=0).messages.create(model="m", max_tokens=3, **CHAT)
-    assert ainfo.value.body == {"type": "error", "error": {"type": "authentication_error", "message": info.value.body["message"]}}
+        anthropic.Anthropic(base_url=gw.url, api_key="nope", max_retries=0).messages.create(
+            model="m", max_tokens=3, **CHAT
+        )
+    assert ainfo.value.body == {
+        "type": "error",
+        "error": {"type": "authentication_error", "message": info.value.body["message"]},
+    }
     assert not posts(node)
     key = make_key(gw)
     assert key["key"].startswith("vk-") and "digest" not in key and "salt" not in key
-    ok = openai.OpenAI(base_url=gw.v1, api_key=key["key"], max_retries=0).chat.completions.create(model="m", **CHAT)
+    ok = openai.OpenAI(base_url=gw.v1, api_key=key["key"], max_retries=0).chat.completions.create(
+        model="m", **CHAT
+    )
     assert ok.choices[0].message.content
-    ant = anthropic.Anthropic(base_url=gw.url, api_key=key["key"], max_retries=0).messages.create(model="m", max_tokens=3, **CHAT)
+    ant = anthropic.Anthropic(base_url=gw.url, api_key=key["key"], max_retries=0).messages.create(
+        model="m", max_tokens=3, **CHAT
+    )
     assert ant.content[0].text
     # Never the client's key upstream, whatever header carried it.
     assert all(key["key"] not in json.dumps(r.headers) for r in node.received)
@@ -85,15 +100,25 @@ def test_a_wrong_key_is_refused_even_where_keyless_calls_are_allowed(setup: Any)
     _, gw = setup
     key = make_key(gw)
     forged = key["key"][:-4] + "AAAA"
-    resp = httpx.post(f"{gw.v1}/chat/completions", json={"model": "m", **CHAT}, headers={"Authorization": f"Bearer {forged}"})
+    resp = httpx.post(
+        f"{gw.v1}/chat/completions",
+        json={"model": "m", **CHAT},
+        headers={"Authorization": f"Bearer {forged}"},
+    )
     assert resp.status_code == 401
-    assert httpx.post(f"{gw.v1}/chat/completions", json={"model": "m", **CHAT}).status_code == 200  # local, keyless
+    assert (
+        httpx.post(f"{gw.v1}/chat/completions", json={"model": "m", **CHAT}).status_code == 200
+    )  # local, keyless
 
 
 def test_expired_key_is_refused(setup: Any) -> None:
     _, gw = setup
     key = make_key(gw, expires_at=time.time() - 1)
-    resp = httpx.post(f"{gw.v1}/chat/completions", json={"model": "m", **CHAT}, headers={"Authorization": f"Bearer {key['key']}"})
+    resp = httpx.post(
+        f"{gw.v1}/chat/completions",
+        json={"model": "m", **CHAT},
+        headers={"Authorization": f"Bearer {key['key']}"},
+    )
     assert resp.status_code == 401
 
 
@@ -114,15 +139,23 @@ def test_realm_node_set_and_allowlist(node_factory: Any, gateway_factory: Any) -
     office = node_factory("m:llm:loaded,x:llm:loaded")
     gw = gateway_factory([home.url, office.url])
     home_id = gw.app.registry.by_url(home.url.rstrip("/")).id
-    realm = httpx.post(f"{gw.url}/vampire/v1/realms", json={"name": "kids", "nodes": [home_id], "models": ["m"]})
+    realm = httpx.post(
+        f"{gw.url}/vampire/v1/realms", json={"name": "kids", "nodes": [home_id], "models": ["m"]}
+    )
     assert realm.status_code == 201
     key = make_key(gw, realm="kids")
     headers = {"Authorization": f"Bearer {key['key']}"}
     for i in range(4):
-        resp = httpx.post(f"{gw.v1}/chat/completions", json={"model": "m", "messages": [{"role": "user", "content": f"{i}"}]},
-                          headers=headers)
+        resp = httpx.post(
+            f"{gw.v1}/chat/completions",
+            json={"model": "m", "messages": [{"role": "user", "content": f"{i}"}]},
+            headers=headers,
+        )
         assert resp.headers["x-vampire-node"] == home_id
-    assert httpx.post(f"{gw.v1}/chat/completions", json={"model": "x", **CHAT}, headers=headers).status_code == 403
+    assert (
+        httpx.post(f"{gw.v1}/chat/completions", json={"model": "x", **CHAT}, headers=headers).status_code
+        == 403
+    )
     assert not posts(office)
     missing = httpx.post(f"{gw.url}/vampire/v1/keys", json={"name": "k", "realm": "nowhere"})
     assert missing.status_code == 400 and missing.json()["error"]["code"] == "realm_not_found"
@@ -153,7 +186,9 @@ def test_share_mode_persists(node_factory: Any, gateway_factory: Any, tmp_path: 
 # ── share off: the owner's stop ─────────────────────────────────────────────────────────────────────────
 
 
-def test_share_off_ends_running_streams_and_refuses_new_requests(node_factory: Any, gateway_factory: Any) -> None:
+def test_share_off_ends_running_streams_and_refuses_new_requests(
+    node_factory: Any, gateway_factory: Any
+) -> None:
     node = node_factory("m:llm:loaded", tps=20, completion_tokens=1000)
     gw = gateway_factory([node.url])
     body = {"model": "m", "stream": True, **CHAT}
@@ -184,11 +219,18 @@ def test_share_off_ends_running_streams_and_refuses_new_requests(node_factory: A
     ant = httpx.post(f"{gw.v1}/messages", json={"model": "m", "max_tokens": 3, **CHAT})
     assert ant.status_code == 503 and ant.json()["error"]["type"] == "overloaded_error"
     key = make_key(gw)
-    keyed = httpx.post(f"{gw.v1}/chat/completions", json={"model": "m", **CHAT}, headers={"Authorization": f"Bearer {key['key']}"})
+    keyed = httpx.post(
+        f"{gw.v1}/chat/completions",
+        json={"model": "m", **CHAT},
+        headers={"Authorization": f"Bearer {key['key']}"},
+    )
     assert keyed.status_code == 503  # off means off, keys included
     share(gw, "keys")
-    restored = httpx.post(f"{gw.v1}/chat/completions", json={"model": "m", "max_tokens": 3, **CHAT},
-                          headers={"Authorization": f"Bearer {key['key']}"})
+    restored = httpx.post(
+        f"{gw.v1}/chat/completions",
+        json={"model": "m", "max_tokens": 3, **CHAT},
+        headers={"Authorization": f"Bearer {key['key']}"},
+    )
     assert restored.status_code == 200
     assert all(n.in_flight == 0 for n in gw.app.registry.nodes.values())
 
@@ -219,10 +261,18 @@ def test_requests_per_minute(setup: Any) -> None:
     assert call().status_code == 200
     clock.now += 10
     third = call()
-    assert third.status_code == 429 and third.headers["retry-after"] == "30"  # the first leaves the window at +60
-    assert third.json()["error"] == {"message": "Rate limit: more than 2 requests per minute.", "type": "rate_limit_error",
-                                     "param": None, "code": "rate_limit_exceeded"}
-    ant = httpx.post(f"{gw.v1}/messages", json={"model": "m", "max_tokens": 3, **CHAT}, headers={"x-api-key": key["key"]})
+    assert (
+        third.status_code == 429 and third.headers["retry-after"] == "30"
+    )  # the first leaves the window at +60
+    assert third.json()["error"] == {
+        "message": "Rate limit: more than 2 requests per minute.",
+        "type": "rate_limit_error",
+        "param": None,
+        "code": "rate_limit_exceeded",
+    }
+    ant = httpx.post(
+        f"{gw.v1}/messages", json={"model": "m", "max_tokens": 3, **CHAT}, headers={"x-api-key": key["key"]}
+    )
     assert ant.status_code == 429 and ant.json()["error"]["type"] == "rate_limit_error"
     clock.now += 30
     assert call().status_code == 200
@@ -241,7 +291,10 @@ def test_tokens_per_minute(setup: Any) -> None:
     assert limited.status_code == 429 and "tokens per minute" in limited.json()["error"]["message"]
     assert limited.headers["retry-after"] == "60"
     clock.now += 60
-    assert httpx.post(f"{gw.v1}/chat/completions", json={"model": "m", **CHAT}, headers=headers).status_code == 200
+    assert (
+        httpx.post(f"{gw.v1}/chat/completions", json={"model": "m", **CHAT}, headers=headers).status_code
+        == 200
+    )
 
 
 def test_concurrent_requests_and_realm_quota(node_factory: Any, gateway_factory: Any) -> None:
@@ -249,8 +302,12 @@ def test_concurrent_requests_and_realm_quota(node_factory: Any, gateway_factory:
     gw = gateway_factory([node.url])
     key = make_key(gw, max_concurrent=1)
     headers = {"Authorization": f"Bearer {key['key']}"}
-    with httpx.Client(timeout=30) as http, http.stream("POST", f"{gw.v1}/chat/completions", headers=headers,
-                                                       json={"model": "m", "stream": True, **CHAT}) as held:
+    with (
+        httpx.Client(timeout=30) as http,
+        http.stream(
+            "POST", f"{gw.v1}/chat/completions", headers=headers, json={"model": "m", "stream": True, **CHAT}
+        ) as held,
+    ):
         chunks = held.iter_raw()
         next(chunks)
         second = httpx.post(f"{gw.v1}/chat/completions", json={"model": "m", **CHAT}, headers=headers)
@@ -259,8 +316,14 @@ def test_concurrent_requests_and_realm_quota(node_factory: Any, gateway_factory:
     clock = FakeClock()
     gw.app.policy.clock = clock
     httpx.post(f"{gw.url}/vampire/v1/realms", json={"name": "personal", "rpm": 1})
-    assert httpx.post(f"{gw.v1}/chat/completions", json={"model": "m", "max_tokens": 2, **CHAT}).status_code == 200
-    assert httpx.post(f"{gw.v1}/chat/completions", json={"model": "m", "max_tokens": 2, **CHAT}).status_code == 429
+    assert (
+        httpx.post(f"{gw.v1}/chat/completions", json={"model": "m", "max_tokens": 2, **CHAT}).status_code
+        == 200
+    )
+    assert (
+        httpx.post(f"{gw.v1}/chat/completions", json={"model": "m", "max_tokens": 2, **CHAT}).status_code
+        == 429
+    )
 
 
 # ── usage ledger ────────────────────────────────────────────────────────────────────────────────────────
@@ -271,12 +334,17 @@ def test_ledger_matches_the_nodes_token_counts(setup: Any) -> None:
     key = make_key(gw)
     oc = openai.OpenAI(base_url=gw.v1, api_key=key["key"], max_retries=0)
     oc.chat.completions.create(model="m", **CHAT)
-    raw = httpx.post(f"{gw.v1}/chat/completions", json={"model": "m", "stream": True, **CHAT},
-                     headers={"Authorization": f"Bearer {key['key']}"})
+    raw = httpx.post(
+        f"{gw.v1}/chat/completions",
+        json={"model": "m", "stream": True, **CHAT},
+        headers={"Authorization": f"Bearer {key['key']}"},
+    )
     frames = [f for f in raw.text.split("\n\n") if f]
     assert not any('"usage"' in f for f in frames), "the client did not ask for usage and must not get it"
     assert frames[-1] == "data: [DONE]" and json.loads(frames[-2][6:])["choices"][0]["finish_reason"]
-    asked = list(oc.chat.completions.create(model="n", stream=True, stream_options={"include_usage": True}, **CHAT))
+    asked = list(
+        oc.chat.completions.create(model="n", stream=True, stream_options={"include_usage": True}, **CHAT)
+    )
     assert asked[-1].usage is not None  # a client that asks still gets it
     ac = anthropic.Anthropic(base_url=gw.url, api_key=key["key"], max_retries=0)
     ac.messages.create(model="m", max_tokens=5, **CHAT)
@@ -290,9 +358,18 @@ def test_ledger_matches_the_nodes_token_counts(setup: Any) -> None:
     usage = httpx.get(f"{gw.url}/vampire/v1/usage", params={"group_by": "key"}).json()
     assert usage["totals"]["prompt_tokens"] == node.stats.prompt_tokens_total + embedded
     assert usage["totals"]["completion_tokens"] == node.stats.completion_tokens_total
-    assert usage["data"] == [{"group": key["id"], "requests": 7, "prompt_tokens": node.stats.prompt_tokens_total + embedded,
-                              "completion_tokens": node.stats.completion_tokens_total}]
-    by_model = {r["group"]: r["requests"] for r in httpx.get(f"{gw.url}/vampire/v1/usage?group_by=model").json()["data"]}
+    assert usage["data"] == [
+        {
+            "group": key["id"],
+            "requests": 7,
+            "prompt_tokens": node.stats.prompt_tokens_total + embedded,
+            "completion_tokens": node.stats.completion_tokens_total,
+        }
+    ]
+    by_model = {
+        r["group"]: r["requests"]
+        for r in httpx.get(f"{gw.url}/vampire/v1/usage?group_by=model").json()["data"]
+    }
     assert by_model == {"e": 1, "m": 5, "n": 1}
     later = httpx.get(f"{gw.url}/vampire/v1/usage", params={"since": "2999-01-01"}).json()
     assert later["totals"] == {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0}
@@ -307,11 +384,14 @@ def test_usage_meter_finds_counts_split_across_chunks() -> None:
 
 
 def test_usage_filter_drops_only_the_injected_frame() -> None:
-    frames = [b'data: {"choices":[{"delta":{"content":"usage"}}]}\n\n', b'data: {"choices":[],"usage":{"total_tokens":3}}\n\n',
-              b"data: [DONE]\n\n"]
+    frames = [
+        b'data: {"choices":[{"delta":{"content":"usage"}}]}\n\n',
+        b'data: {"choices":[],"usage":{"total_tokens":3}}\n\n',
+        b"data: [DONE]\n\n",
+    ]
     stream = b"".join(frames)
     strip = vampire.UsageFrameFilter()
-    out = b"".join(strip.feed(stream[i:i + 7]) for i in range(0, len(stream), 7)) + strip.flush()
+    out = b"".join(strip.feed(stream[i : i + 7]) for i in range(0, len(stream), 7)) + strip.flush()
     assert out == frames[0] + frames[2]
 
 
@@ -322,7 +402,11 @@ def test_audit_records_admin_actions_and_denials_without_secrets(setup: Any) -> 
     _, gw = setup
     key = make_key(gw, name="laptop")
     share(gw, "keys")
-    httpx.post(f"{gw.v1}/chat/completions", json={"model": "m", **CHAT}, headers={"Authorization": "Bearer vk-zzz_bad"})
+    httpx.post(
+        f"{gw.v1}/chat/completions",
+        json={"model": "m", **CHAT},
+        headers={"Authorization": "Bearer vk-zzz_bad"},
+    )
     entries = httpx.get(f"{gw.url}/vampire/v1/audit").json()["data"]
     actions = [e["action"] for e in entries]
     assert "key.create" in actions and "share" in actions and "denied" in actions
@@ -334,26 +418,48 @@ def test_audit_records_admin_actions_and_denials_without_secrets(setup: Any) -> 
 def test_cors_is_off_by_default_and_follows_the_allowlist(node_factory: Any, gateway_factory: Any) -> None:
     node = node_factory("m:llm:loaded")
     closed = gateway_factory([node.url])
-    resp = httpx.post(f"{closed.v1}/chat/completions", json={"model": "m", **CHAT}, headers={"Origin": "https://app.example"})
+    resp = httpx.post(
+        f"{closed.v1}/chat/completions",
+        json={"model": "m", **CHAT},
+        headers={"Origin": "https://app.example"},
+    )
     assert "access-control-allow-origin" not in resp.headers
     gw = gateway_factory([node.url], cors_origins=["https://app.example"])
-    pre = httpx.options(f"{gw.v1}/chat/completions", headers={"Origin": "https://app.example",
-                                                              "Access-Control-Request-Method": "POST",
-                                                              "Access-Control-Request-Headers": "authorization,content-type"})
+    pre = httpx.options(
+        f"{gw.v1}/chat/completions",
+        headers={
+            "Origin": "https://app.example",
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization,content-type",
+        },
+    )
     assert pre.status_code == 204 and pre.headers["access-control-allow-origin"] == "https://app.example"
     assert pre.headers["access-control-allow-headers"] == "authorization,content-type"
-    ok = httpx.post(f"{gw.v1}/chat/completions", json={"model": "m", **CHAT}, headers={"Origin": "https://app.example"})
+    ok = httpx.post(
+        f"{gw.v1}/chat/completions", json={"model": "m", **CHAT}, headers={"Origin": "https://app.example"}
+    )
     assert ok.headers["access-control-allow-origin"] == "https://app.example"
-    other = httpx.options(f"{gw.v1}/chat/completions", headers={"Origin": "https://evil.example",
-                                                                "Access-Control-Request-Method": "POST"})
+    other = httpx.options(
+        f"{gw.v1}/chat/completions",
+        headers={"Origin": "https://evil.example", "Access-Control-Request-Method": "POST"},
+    )
     assert other.status_code == 403 and "access-control-allow-origin" not in other.headers
 
 
 def test_non_loopback_bind_without_protection_is_refused(tmp_path: Path) -> None:
-    env = {"VAMPIRE_DATA_DIR": str(tmp_path), "VAMPIRE_CONFIG": str(tmp_path / "none.toml"), "PATH": "/usr/bin:/bin"}
+    env = {
+        "VAMPIRE_DATA_DIR": str(tmp_path),
+        "VAMPIRE_CONFIG": str(tmp_path / "none.toml"),
+        "PATH": "/usr/bin:/bin",
+    }
     # 192.0.2.1 (TEST-NET-1) is on no interface here: even a regression could not bind it.
-    out = subprocess.run([sys.executable, str(ROOT / "vampire.py"), "serve", "--host", "192.0.2.1", "--port", "0"],
-                         capture_output=True, text=True, timeout=30, env=env)
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "vampire.py"), "serve", "--host", "192.0.2.1", "--port", "0"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=env,
+    )
     assert out.returncode == 1 and "Refusing to listen on 192.0.2.1" in out.stderr
 
 
@@ -369,9 +475,16 @@ def test_no_secret_appears_anywhere(node_factory: Any, gateway_factory: Any) -> 
         client = {"Authorization": f"Bearer {key}"}
         seen: list[str] = []
         for method, path, body in [
-            ("GET", "/status", None), ("GET", "/nodes", None), ("GET", "/models", None), ("GET", "/keys", None),
-            ("GET", "/realms", None), ("GET", "/share", None), ("GET", "/usage", None), ("GET", "/audit", None),
-            ("GET", "/routes", None), ("GET", "/routing/explain?model=m", None),
+            ("GET", "/status", None),
+            ("GET", "/nodes", None),
+            ("GET", "/models", None),
+            ("GET", "/keys", None),
+            ("GET", "/realms", None),
+            ("GET", "/share", None),
+            ("GET", "/usage", None),
+            ("GET", "/audit", None),
+            ("GET", "/routes", None),
+            ("GET", "/routing/explain?model=m", None),
             ("POST", "/routes", {"id": "r", "targets": [{"model": "m"}]}),
             ("PATCH", f"/nodes/{gw.app.registry.by_url(node.url.rstrip('/')).id}", {"name": "gpu"}),
             ("POST", "/nodes", {"url": "http://127.0.0.1:9", "token": node_token}),
@@ -382,10 +495,21 @@ def test_no_secret_appears_anywhere(node_factory: Any, gateway_factory: Any) -> 
         seen.append(httpx.get(f"{gw.url}/", headers=auth).text)
         seen.append(httpx.get(f"{gw.url}/metrics", headers=auth).text)
         seen.append(httpx.post(f"{gw.v1}/chat/completions", json={"model": "m", **CHAT}, headers=client).text)
-        seen.append(httpx.post(f"{gw.v1}/chat/completions", json={"model": "m", "stream": True, **CHAT}, headers=client).text)
-        seen.append(httpx.post(f"{gw.v1}/chat/completions", json={"model": "zz", **CHAT}, headers=client).text)
-        seen.append(httpx.post(f"{gw.v1}/chat/completions", json={"model": "m", **CHAT},
-                               headers={"Authorization": f"Bearer {key}x"}).text)
+        seen.append(
+            httpx.post(
+                f"{gw.v1}/chat/completions", json={"model": "m", "stream": True, **CHAT}, headers=client
+            ).text
+        )
+        seen.append(
+            httpx.post(f"{gw.v1}/chat/completions", json={"model": "zz", **CHAT}, headers=client).text
+        )
+        seen.append(
+            httpx.post(
+                f"{gw.v1}/chat/completions",
+                json={"model": "m", **CHAT},
+                headers={"Authorization": f"Bearer {key}x"},
+            ).text
+        )
         seen.append(httpx.post(f"{gw.v1}/chat/completions", json={"model": "m", **CHAT}).text)
         gw.app.ledger.flush()
         gw.app.audit_log.flush()
@@ -395,14 +519,18 @@ def test_no_secret_appears_anywhere(node_factory: Any, gateway_factory: Any) -> 
     for secret in (admin, key, node_token, key.split("_", 1)[1], node_token.split(":")[1]):
         for text in [*seen, logs]:
             assert secret not in text
-    assert key.encode() not in database and admin.encode() not in database  # only the key's salted hash is kept
+    assert (
+        key.encode() not in database and admin.encode() not in database
+    )  # only the key's salted hash is kept
 
 
 def test_usage_meter_reads_anthropic_counts_from_one_chunk() -> None:
     """message_start carries the input count and message_delta the output count; one read may hold both."""
-    chunk = (b'event: message_start\ndata: {"type":"message_start","message":{"usage":{"input_tokens":21,'
-             b'"output_tokens":1}}}\n\nevent: content_block_delta\ndata: {"type":"content_block_delta"}\n\n'
-             b'event: message_delta\ndata: {"type":"message_delta","usage":{"output_tokens":9}}\n\n')
+    chunk = (
+        b'event: message_start\ndata: {"type":"message_start","message":{"usage":{"input_tokens":21,'
+        b'"output_tokens":1}}}\n\nevent: content_block_delta\ndata: {"type":"content_block_delta"}\n\n'
+        b'event: message_delta\ndata: {"type":"message_delta","usage":{"output_tokens":9}}\n\n'
+    )
     meter = vampire.UsageMeter()
     meter.feed(chunk)
     assert (meter.prompt, meter.completion) == (21, 9)

@@ -29,10 +29,23 @@ def node_record(gw: Any, node: Any) -> dict[str, Any]:
 
 def test_each_node_kind_is_classified(node_factory: Any, gateway_factory: Any) -> None:
     lm03 = node_factory("qwen/qwen3-4b:llm:loaded,nomic-embed:embedding", host="127.0.0.2", version="0.3.31")
-    lm04 = node_factory([vampire.MockModel("google/gemma-3-4b", type="vlm", loaded=True, context_length=8192,
-                                           max_context_length=131072, parallel=6, reasoning=True),
-                         vampire.MockModel("text-embedding-x", type="embedding")],
-                        host="127.0.0.3", version="0.4.6", token=TOKEN)
+    lm04 = node_factory(
+        [
+            vampire.MockModel(
+                "google/gemma-3-4b",
+                type="vlm",
+                loaded=True,
+                context_length=8192,
+                max_context_length=131072,
+                parallel=6,
+                reasoning=True,
+            ),
+            vampire.MockModel("text-embedding-x", type="embedding"),
+        ],
+        host="127.0.0.3",
+        version="0.4.6",
+        token=TOKEN,
+    )
     oll = node_factory("llama3.2:latest:llm:loaded,all-minilm:embedding", host="127.0.0.4", flavor="ollama")
     oai = node_factory("local-gguf:llm:loaded", host="127.0.0.5", flavor="openai")
     gw = gateway_factory([lm03.url, f"{lm04.url}#{TOKEN}", oll.url, oai.url])
@@ -47,8 +60,13 @@ def test_each_node_kind_is_classified(node_factory: Any, gateway_factory: Any) -
     assert (r04["kind"], r04["state"], r04["version"]) == ("lmstudio", "online", "0.4.6")
     assert r04["token"] == "sk-…rSt"
     gemma = next(m for m in r04["models"] if m["id"] == "google/gemma-3-4b")
-    assert (gemma["type"], gemma["loaded"], gemma["context_length"], gemma["max_context_length"], gemma["slots"]) == (
-        "vlm", True, 8192, 131072, 6)
+    assert (
+        gemma["type"],
+        gemma["loaded"],
+        gemma["context_length"],
+        gemma["max_context_length"],
+        gemma["slots"],
+    ) == ("vlm", True, 8192, 131072, 6)
     assert gemma["capabilities"] == ["vision", "tools", "reasoning"]
     emb = next(m for m in r04["models"] if m["id"] == "text-embedding-x")
     assert (emb["type"], emb["loaded"]) == ("embedding", False)
@@ -64,7 +82,9 @@ def test_each_node_kind_is_classified(node_factory: Any, gateway_factory: Any) -
     assert [(m["id"], m["loaded"]) for m in roa["models"]] == [("local-gguf", True)]
 
 
-def test_revoked_token_makes_the_node_unauthorized_and_it_gets_no_traffic(node_factory: Any, gateway_factory: Any) -> None:
+def test_revoked_token_makes_the_node_unauthorized_and_it_gets_no_traffic(
+    node_factory: Any, gateway_factory: Any
+) -> None:
     locked = node_factory("m:llm:loaded", version="0.4.6", token=TOKEN)
     spare = node_factory("m:llm:loaded")
     gw = gateway_factory([f"{locked.url}#{TOKEN}", spare.url], refresh_s=0.2)
@@ -72,7 +92,9 @@ def test_revoked_token_makes_the_node_unauthorized_and_it_gets_no_traffic(node_f
     wait_until(lambda: node_record(gw, locked)["state"] == "unauthorized", timeout=3)
     before = len(locked.received)
     for _ in range(5):
-        resp = httpx.post(f"{gw.v1}/chat/completions", json={"model": "m", "messages": [{"role": "user", "content": "x"}]})
+        resp = httpx.post(
+            f"{gw.v1}/chat/completions", json={"model": "m", "messages": [{"role": "user", "content": "x"}]}
+        )
         assert resp.status_code == 200
     assert not [r for r in locked.received[before:] if r.method == "POST"]
 
@@ -101,10 +123,19 @@ def _free_port() -> int:
 
 
 def _spawn_gateway(data_dir: Path, port: int, log_path: Path) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "VAMPIRE_DATA_DIR": str(data_dir), "VAMPIRE_REFRESH_S": "0.5", "VAMPIRE_CONFIG": str(data_dir / "none.toml")}
+    env = {
+        **os.environ,
+        "VAMPIRE_DATA_DIR": str(data_dir),
+        "VAMPIRE_REFRESH_S": "0.5",
+        "VAMPIRE_CONFIG": str(data_dir / "none.toml"),
+    }
     with log_path.open("ab") as log:
-        proc = subprocess.Popen([sys.executable, str(ROOT / "vampire.py"), "serve", "--port", str(port)],
-                                stdout=log, stderr=subprocess.STDOUT, env=env)
+        proc = subprocess.Popen(
+            [sys.executable, str(ROOT / "vampire.py"), "serve", "--port", str(port)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
     wait_until(lambda: _healthy(port), timeout=15)
     return proc
 
@@ -153,9 +184,20 @@ def test_cli_discover_finds_the_emulated_nodes_and_nothing_else(node_factory: An
     other = node_factory("o:llm", host="127.0.0.3", flavor="ollama")
     other_port = int(other.url.rsplit(":", 1)[1].rstrip("/"))
     out = subprocess.run(
-        [sys.executable, str(ROOT / "vampire.py"), "discover", "--subnet", "127.0.0.0/24",
-         "--port", str(port), "--port", str(other_port)],
-        capture_output=True, text=True, timeout=60,
+        [
+            sys.executable,
+            str(ROOT / "vampire.py"),
+            "discover",
+            "--subnet",
+            "127.0.0.0/24",
+            "--port",
+            str(port),
+            "--port",
+            str(other_port),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert out.returncode == 0, out.stderr
     urls = [line.split()[0] for line in out.stdout.splitlines()[1:] if line.strip()]
@@ -167,8 +209,12 @@ def test_cli_discover_finds_the_emulated_nodes_and_nothing_else(node_factory: An
 
 
 def test_discover_refuses_public_ranges(node_factory: Any) -> None:
-    out = subprocess.run([sys.executable, str(ROOT / "vampire.py"), "discover", "--subnet", "8.8.8.0/24"],
-                         capture_output=True, text=True, timeout=30)
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "vampire.py"), "discover", "--subnet", "8.8.8.0/24"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert out.returncode == 2 and "not a private or loopback range" in out.stderr
 
 
@@ -176,19 +222,29 @@ def test_api_discover_adds_untrusted_nodes(node_factory: Any, gateway_factory: A
     lm = node_factory("m:llm:loaded", host="127.0.0.8")
     port = int(lm.url.rsplit(":", 1)[1].rstrip("/"))
     gw = gateway_factory([])
-    found = httpx.post(f"{gw.url}/vampire/v1/discover", json={"subnets": ["127.0.0.8/32"], "ports": [port], "add": True})
+    found = httpx.post(
+        f"{gw.url}/vampire/v1/discover", json={"subnets": ["127.0.0.8/32"], "ports": [port], "add": True}
+    )
     assert found.status_code == 200
-    assert [(f["url"], f["kind"], f["added"]) for f in found.json()["data"]] == [(f"http://127.0.0.8:{port}", "lmstudio", True)]
+    assert [(f["url"], f["kind"], f["added"]) for f in found.json()["data"]] == [
+        (f"http://127.0.0.8:{port}", "lmstudio", True)
+    ]
     node = gw.app.registry.by_url(f"http://127.0.0.8:{port}")
     assert node is not None and node.trusted is False and node.source == "discovered"
-    resp = httpx.post(f"{gw.v1}/chat/completions", json={"model": "m", "messages": [{"role": "user", "content": "x"}]})
+    resp = httpx.post(
+        f"{gw.v1}/chat/completions", json={"model": "m", "messages": [{"role": "user", "content": "x"}]}
+    )
     assert resp.status_code == 503  # discovery is not permission: nothing routable yet
     httpx.patch(f"{gw.url}/vampire/v1/nodes/{node.id}", json={"trusted": True})
-    resp = httpx.post(f"{gw.v1}/chat/completions", json={"model": "m", "messages": [{"role": "user", "content": "x"}]})
+    resp = httpx.post(
+        f"{gw.v1}/chat/completions", json={"model": "m", "messages": [{"role": "user", "content": "x"}]}
+    )
     assert resp.status_code == 200
 
 
-def test_public_host_names_are_refused(gateway_factory: Any, bg: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_public_host_names_are_refused(
+    gateway_factory: Any, bg: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
     gw = gateway_factory([])
     real = bg.loop.getaddrinfo
 
@@ -216,7 +272,16 @@ def test_guarded_resolver_refuses_rebinding(bg: Any) -> None:
 
     class PublicInner:
         async def resolve(self, host: str, port: int = 0, family: int = 0) -> list[dict[str, Any]]:
-            return [{"hostname": host, "host": "1.1.1.1", "port": port, "family": socket.AF_INET, "proto": 0, "flags": 0}]
+            return [
+                {
+                    "hostname": host,
+                    "host": "1.1.1.1",
+                    "port": port,
+                    "family": socket.AF_INET,
+                    "proto": 0,
+                    "flags": 0,
+                }
+            ]
 
     resolver._inner = PublicInner()  # type: ignore[assignment]
     with pytest.raises(OSError, match="outside private networks"):
@@ -259,5 +324,8 @@ def test_node_events_are_published(node_factory: Any, gateway_factory: Any, bg: 
     gw = gateway_factory([node.url], refresh_s=0.2)
     started = time.monotonic()
     bg.run(node.stop())
-    wait_until(lambda: any(e.kind == "node" and e.data["state"] == "offline" for e in gw.app.events.recent), timeout=2)
+    wait_until(
+        lambda: any(e.kind == "node" and e.data["state"] == "offline" for e in gw.app.events.recent),
+        timeout=2,
+    )
     assert time.monotonic() - started < 2

@@ -24,7 +24,9 @@ def node_id(gw: Any, node: Any) -> str:
 
 
 def chat(gw: Any, model: str, headers: dict[str, str] | None = None, **extra: Any) -> httpx.Response:
-    return httpx.post(f"{gw.v1}/chat/completions", json={"model": model, **CHAT, **extra}, headers=headers or {}, timeout=30)
+    return httpx.post(
+        f"{gw.v1}/chat/completions", json={"model": model, **CHAT, **extra}, headers=headers or {}, timeout=30
+    )
 
 
 def posts(node: Any) -> list[Any]:
@@ -32,7 +34,9 @@ def posts(node: Any) -> list[Any]:
 
 
 def assert_no_slot_leaks(gw: Any) -> None:
-    wait_until(lambda: all(n.in_flight == 0 and not any(n.busy.values()) for n in gw.app.registry.nodes.values()), 2)
+    wait_until(
+        lambda: all(n.in_flight == 0 and not any(n.busy.values()) for n in gw.app.registry.nodes.values()), 2
+    )
     assert not gw.app.admission.waiters
 
 
@@ -81,7 +85,9 @@ def test_least_latency_and_least_busy(twins: Any) -> None:
 
 def test_model_affinity_returns_to_the_last_node(twins: Any) -> None:
     _a, _b, gw = twins
-    first = chat(gw, "m", {"X-Vampire-Strategy": "model_affinity", "X-Vampire-Session": "p"}).headers["x-vampire-node"]
+    first = chat(gw, "m", {"X-Vampire-Strategy": "model_affinity", "X-Vampire-Session": "p"}).headers[
+        "x-vampire-node"
+    ]
     for i in range(3):
         again = chat(gw, "m", {"X-Vampire-Strategy": "model_affinity", "X-Vampire-Session": f"q{i}"})
         assert again.headers["x-vampire-node"] == first
@@ -103,25 +109,38 @@ def test_conversation_sticks_to_its_node(twins: Any) -> None:
     _a, _b, gw = twins
     reg = gw.app.registry
     convo = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "plan a trip"}]
-    first = httpx.post(f"{gw.v1}/chat/completions", json={"model": "m", "messages": convo}).headers["x-vampire-node"]
+    first = httpx.post(f"{gw.v1}/chat/completions", json={"model": "m", "messages": convo}).headers[
+        "x-vampire-node"
+    ]
     other = next(n for n in reg.nodes.values() if n.id != first)
     reg.nodes[first].latency_ms, other.latency_ms = 500.0, 0.1  # the other node now scores better
     longer = [*convo, {"role": "assistant", "content": "ok"}, {"role": "user", "content": "and then?"}]
     for _ in range(3):
         resp = httpx.post(f"{gw.v1}/chat/completions", json={"model": "m", "messages": longer})
         assert resp.headers["x-vampire-node"] == first
-    fresh = httpx.post(f"{gw.v1}/chat/completions", json={"model": "m", "messages": [{"role": "user", "content": "new"}]})
+    fresh = httpx.post(
+        f"{gw.v1}/chat/completions", json={"model": "m", "messages": [{"role": "user", "content": "new"}]}
+    )
     assert fresh.headers["x-vampire-node"] == other.id
 
 
 def test_previous_response_id_goes_to_the_node_that_created_it(twins: Any) -> None:
     _a, _b, gw = twins
-    first = httpx.post(f"{gw.v1}/responses", json={"model": "m", "input": "hi", "vampire": {"strategy": "round_robin"}})
+    first = httpx.post(
+        f"{gw.v1}/responses", json={"model": "m", "input": "hi", "vampire": {"strategy": "round_robin"}}
+    )
     assert first.status_code == 200
     origin, resp_id = first.headers["x-vampire-node"], first.json()["id"]
     for _ in range(4):  # round robin would otherwise alternate
-        nxt = httpx.post(f"{gw.v1}/responses", json={"model": "m", "input": "more", "previous_response_id": resp_id,
-                                                     "vampire": {"strategy": "round_robin"}})
+        nxt = httpx.post(
+            f"{gw.v1}/responses",
+            json={
+                "model": "m",
+                "input": "more",
+                "previous_response_id": resp_id,
+                "vampire": {"strategy": "round_robin"},
+            },
+        )
         assert nxt.status_code == 200, nxt.text
         assert nxt.headers["x-vampire-node"] == origin
 
@@ -134,8 +153,12 @@ def test_named_route_targets_in_order_then_fallback(node_factory: Any, gateway_f
     b = node_factory("small/coder:llm:loaded,general:llm:loaded")
     gw = gateway_factory([a.url, b.url])
     api = f"{gw.url}/vampire/v1"
-    route = {"id": "coder", "targets": [{"model": "big/coder", "node": node_id(gw, a)}, {"model": "small/coder"}],
-             "strategy": "auto", "fallback": "general"}
+    route = {
+        "id": "coder",
+        "targets": [{"model": "big/coder", "node": node_id(gw, a)}, {"model": "small/coder"}],
+        "strategy": "auto",
+        "fallback": "general",
+    }
     created = httpx.post(f"{api}/routes", json=route)
     assert created.status_code == 201 and created.json()["model"] == "coder"
     assert "coder" in [m["id"] for m in httpx.get(f"{gw.v1}/models").json()["data"]]
@@ -186,22 +209,35 @@ def test_explain_shows_candidates_scores_and_rejections(node_factory: Any, gatew
 
 
 def test_images_only_to_vision_and_tools_only_to_tool_models(node_factory: Any, gateway_factory: Any) -> None:
-    node = node_factory([MockModel("text", loaded=True, tools=False), MockModel("eyes", type="vlm", loaded=True)])
+    node = node_factory(
+        [MockModel("text", loaded=True, tools=False), MockModel("eyes", type="vlm", loaded=True)]
+    )
     gw = gateway_factory([node.url])
-    image = [{"role": "user", "content": [{"type": "text", "text": "what is this"},
-                                          {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}]
+    image = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "text", "text": "what is this"},
+                {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}},
+            ],
+        }
+    ]
     refused = httpx.post(f"{gw.v1}/chat/completions", json={"model": "text", "messages": image})
     assert refused.status_code == 400
     assert refused.json()["error"]["code"] == "unsupported_capability"
     assert "no vision" in refused.json()["error"]["message"]
-    assert httpx.post(f"{gw.v1}/chat/completions", json={"model": "eyes", "messages": image}).status_code == 200
+    assert (
+        httpx.post(f"{gw.v1}/chat/completions", json={"model": "eyes", "messages": image}).status_code == 200
+    )
     tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
     no_tools = httpx.post(f"{gw.v1}/chat/completions", json={"model": "text", "tools": tools, **CHAT})
     assert no_tools.status_code == 400 and "tool use" in no_tools.json()["error"]["message"]
     assert [r.json["model"] for r in posts(node)] == ["eyes"]
 
 
-def test_prompt_longer_than_the_loaded_context_goes_elsewhere(node_factory: Any, gateway_factory: Any) -> None:
+def test_prompt_longer_than_the_loaded_context_goes_elsewhere(
+    node_factory: Any, gateway_factory: Any
+) -> None:
     small = node_factory([MockModel("m", loaded=True, context_length=512)])
     large = node_factory([MockModel("m", loaded=True, context_length=32768)])
     gw = gateway_factory([small.url, large.url])
@@ -219,13 +255,19 @@ def test_full_queue_answers_503_with_retry_after(node_factory: Any, gateway_fact
     node = node_factory([MockModel("m", loaded=True, parallel=1)], tps=20, completion_tokens=1000)
     gw = gateway_factory([node.url], queue_max=1, queue_timeout_s=0.5)
     body = {"model": "m", "stream": True, **CHAT}
-    with httpx.Client(timeout=30) as http, http.stream("POST", f"{gw.v1}/chat/completions", json=body) as holder:
+    with (
+        httpx.Client(timeout=30) as http,
+        http.stream("POST", f"{gw.v1}/chat/completions", json=body) as holder,
+    ):
         held = holder.iter_raw()  # keep the iterator: dropping it would close the stream
         next(held)  # the only slot is taken by this stream
         waiting: dict[str, Any] = {}
 
         async def queued() -> None:
-            async with aiohttp.ClientSession() as s, s.post(f"{gw.v1}/chat/completions", json={"model": "m", **CHAT}) as r:
+            async with (
+                aiohttp.ClientSession() as s,
+                s.post(f"{gw.v1}/chat/completions", json={"model": "m", **CHAT}) as r,
+            ):
                 waiting["status"], waiting["body"], waiting["headers"] = r.status, await r.json(), r.headers
 
         task = asyncio.run_coroutine_threadsafe(queued(), bg.loop)
@@ -235,7 +277,9 @@ def test_full_queue_answers_503_with_retry_after(node_factory: Any, gateway_fact
         assert full.json()["error"]["code"] == "queue_full" and full.json()["error"]["type"] == "server_error"
         ant = httpx.post(f"{gw.v1}/messages", json={"model": "m", "max_tokens": 4, **CHAT})
         assert ant.status_code == 503 and ant.json() == {
-            "type": "error", "error": {"type": "overloaded_error", "message": "The request queue is full."}}
+            "type": "error",
+            "error": {"type": "overloaded_error", "message": "The request queue is full."},
+        }
         task.result(5)
         assert waiting["status"] == 503 and waiting["headers"]["Retry-After"] == "5"
         assert waiting["body"]["error"]["code"] == "queue_timeout"
@@ -248,10 +292,14 @@ def test_queued_request_gets_the_slot_when_it_frees(node_factory: Any, gateway_f
 
     async def burst() -> list[int]:
         async with aiohttp.ClientSession() as s:
+
             async def one() -> int:
-                async with s.post(f"{gw.v1}/chat/completions", json={"model": "m", "stream": True, **CHAT}) as r:
+                async with s.post(
+                    f"{gw.v1}/chat/completions", json={"model": "m", "stream": True, **CHAT}
+                ) as r:
                     await r.read()
                     return r.status
+
             return list(await asyncio.gather(*(one() for _ in range(4))))
 
     assert bg.run(burst()) == [200, 200, 200, 200]
@@ -309,7 +357,10 @@ def test_stalled_node_counts_as_failed_after_the_first_byte_timeout(twins: Any) 
 
 def test_fault_storm_costs_clients_nothing(node_factory: Any, gateway_factory: Any, bg: Any) -> None:
     """1,000 requests, half streaming, while two of three nodes refuse, fail, shed load or stall at random."""
-    flaky = [node_factory([MockModel("m", loaded=True, parallel=8)], tps=200, completion_tokens=6, seed=i) for i in range(2)]
+    flaky = [
+        node_factory([MockModel("m", loaded=True, parallel=8)], tps=200, completion_tokens=6, seed=i)
+        for i in range(2)
+    ]
     healthy = node_factory([MockModel("m", loaded=True, parallel=8)], tps=200, completion_tokens=6)
     gw = gateway_factory([*(n.url for n in flaky), healthy.url], refresh_s=0.3, first_byte_timeout_s=0.4)
     gw.app.gateway.http._timeout = aiohttp.ClientTimeout(total=None, connect=2, sock_read=0.4)

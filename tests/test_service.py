@@ -228,8 +228,16 @@ def test_systemd_analyze_verifies_the_unit(tmp_path: Path) -> None:
     if shutil.which("systemd-analyze") is None:
         if os.name == "posix" and os.geteuid() == 0 and shutil.which("apt-get"):
             # A fresh machine may have no package lists yet: update once if the plain install fails.
-            subprocess.run(["bash", "-c", "apt-get install -y -q systemd || (apt-get update -qq && apt-get install -y -q systemd)"],
-                           capture_output=True, timeout=900, env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+            subprocess.run(
+                [
+                    "bash",
+                    "-c",
+                    "apt-get install -y -q systemd || (apt-get update -qq && apt-get install -y -q systemd)",
+                ],
+                capture_output=True,
+                timeout=900,
+                env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"},
+            )
         if shutil.which("systemd-analyze") is None:
             pytest.skip("systemd-analyze is not installed (Debian package `systemd`; installing needs root)")
     script = tmp_path / "vampire.py"
