@@ -525,9 +525,6 @@ class ModelInfo:
     def key(self) -> str:
         return model_key(self.id)
 
-    def fingerprint(self, node: Node) -> str:
-        return f"{self.id}|{self.quantization}|{self.format}|{node.kind}|{node.version}"
-
     def public(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -731,6 +728,63 @@ class GuardedResolver(aiohttp.abc.AbstractResolver):
 
     async def close(self) -> None:
         await self._inner.close()
+
+
+class NodeClients:
+    """The HTTP sessions that talk to nodes, SSRF-guarded at connect time: the relay's (bodies pass through
+    untouched: no decompression, no added headers; waits up to the first-byte timeout), a twin that never
+    reuses a connection (the retry for a pooled connection the node already closed), and the prober's."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._relay: aiohttp.ClientSession | None = None
+        self._fresh: aiohttp.ClientSession | None = None
+        self._probe: aiohttp.ClientSession | None = None
+
+    def open(self) -> None:
+        """Sessions belong to a running loop, so they are made when the gateway starts."""
+        self._relay = self._session(relay=True)
+        self._fresh = self._session(relay=True, force_close=True)
+        self._probe = self._session(relay=False)
+
+    @property
+    def relay(self) -> aiohttp.ClientSession:
+        assert self._relay is not None, "NodeClients.open() was not called"
+        return self._relay
+
+    @property
+    def fresh(self) -> aiohttp.ClientSession:
+        assert self._fresh is not None, "NodeClients.open() was not called"
+        return self._fresh
+
+    @property
+    def probe(self) -> aiohttp.ClientSession:
+        assert self._probe is not None, "NodeClients.open() was not called"
+        return self._probe
+
+    def _session(self, *, relay: bool, force_close: bool = False) -> aiohttp.ClientSession:
+        s = self.settings
+        connector = aiohttp.TCPConnector(
+            limit=0 if relay else 64,
+            force_close=force_close,
+            resolver=GuardedResolver(lambda: s.allow_public_nodes),
+        )
+        if not relay:
+            return aiohttp.ClientSession(connector=connector)
+        timeout = aiohttp.ClientTimeout(
+            total=None, connect=s.connect_timeout_s, sock_read=s.first_byte_timeout_s
+        )
+        return aiohttp.ClientSession(
+            connector=connector,
+            timeout=timeout,
+            auto_decompress=False,
+            skip_auto_headers=("Accept-Encoding", "User-Agent"),
+        )
+
+    async def close(self) -> None:
+        for session in (self._relay, self._fresh, self._probe):
+            if session is not None:
+                await session.close()
 
 
 async def _get_json(
@@ -959,16 +1013,23 @@ class Registry:
     AUTH_FAILURES_TO_WITHDRAW = 2
     MAX_BACKOFF_S = 300.0
 
-    def __init__(self, settings: Settings, store: Store, events: EventBus) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        events: EventBus,
+        clients: NodeClients,
+        on_fingerprints_changed: Callable[[set[str]], Any] | None = None,
+    ) -> None:
         self.settings = settings
         self.store = store
         self.events = events
+        self.clients = clients
         self.nodes: dict[str, Node] = {}
-        self.http: aiohttp.ClientSession | None = None
         self._wake = asyncio.Event()
         self._probing: dict[str, asyncio.Task[None]] = {}
         self._probe_again: set[str] = set()
-        self.on_fingerprints_changed: Callable[[set[str]], Any] | None = None
+        self.on_fingerprints_changed = on_fingerprints_changed
         self.version = 0  # bumps on any inventory or state change; the router rebuilds its index on it
 
     def load(self) -> None:
@@ -1069,9 +1130,8 @@ class Registry:
             )
 
     async def probe(self, node: Node) -> None:
-        assert self.http is not None
         started = time.monotonic()
-        result = await interrogate(self.http, node.url, node.token, self.settings.probe_timeout_s)
+        result = await interrogate(self.clients.probe, node.url, node.token, self.settings.probe_timeout_s)
         # A model that answered after this probe began is loaded, whatever the (older) inventory says.
         for model in result.models:
             model.loaded = model.loaded or node.served.get(model.id, 0.0) > started
@@ -1116,9 +1176,9 @@ class Registry:
         answers stale."""
         if self.on_fingerprints_changed is None or not node.models:
             return
-        before = {m.id: m.fingerprint(node) for m in node.models}
+        before = {m.id: fingerprint(m, node) for m in node.models}
         probe = dataclasses.replace(node, kind=result.kind, version=result.version)
-        after = {m.id: m.fingerprint(probe) for m in result.models}
+        after = {m.id: fingerprint(m, probe) for m in result.models}
         stale = {fp for mid, fp in before.items() if after.get(mid, fp) != fp}
         if stale:
             self.on_fingerprints_changed(stale)
@@ -1172,6 +1232,22 @@ class Registry:
 
     def wake(self) -> None:
         self._wake.set()
+
+    async def add_discovered(self, found: list[Found]) -> None:
+        """What discovery found joins as untrusted: discovery is not permission."""
+        for item in found:
+            if self.by_url(split_node_spec(item.url)[0]) is None:
+                await self.add(item.url, trusted=False, source="discovered")
+                item.added = True
+
+    async def find_local_nodes(self) -> None:
+        """With no nodes configured, look for LM Studio and Ollama on this machine; its owner runs us."""
+        for port in DISCOVERY_PORTS:
+            url = f"http://127.0.0.1:{port}"
+            result = await interrogate(self.clients.probe, url, None, 1.0)
+            if result.health != "offline":
+                log.info("found a local %s node at %s", result.kind, url)
+                await self.add(url, trusted=True, source="local")
 
 
 # ── discovery: finds endpoints on private networks; discovery is not permission (found = untrusted) ───────
@@ -2023,8 +2099,25 @@ def canonical_request(path: str, payload: dict[str, Any]) -> str:
     return hashlib.sha256(f"{path}\n{text}".encode()).hexdigest()
 
 
-def cache_key(realm: str, canonical: str, fingerprint: str) -> str:
-    return f"{realm}|{canonical}|{fingerprint}"
+def fingerprint(model: ModelInfo, node: Node) -> str:
+    """What a cached answer depends on besides the request: the model as this node serves it."""
+    return f"{model.id}|{model.quantization}|{model.format}|{node.kind}|{node.version}"
+
+
+@dataclass(frozen=True)
+class CacheKey:
+    """The one home of de-duplication keys: a request's realm (answers never cross realms) and canonical
+    form, completed by the requested model for a flight in progress, or by the answering model's
+    fingerprint for a finished answer (which goes stale when that model changes under its id)."""
+
+    realm: str
+    canonical: str
+
+    def flight(self, model: str | None) -> str:
+        return f"{self.realm}|{self.canonical}|{model}"
+
+    def answer(self, fingerprint: str) -> str:
+        return f"{self.realm}|{self.canonical}|{fingerprint}"
 
 
 @dataclass
@@ -2156,22 +2249,20 @@ class Flight:
         return Result(200, list(start["headers"]), [c for c in body if c], self.streamed)
 
 
-class Sharing:
+class Coalescer:
     """Cache hits, and flights that several identical requests read: the gateway's de-duplication."""
 
-    def __init__(self, app: App) -> None:
-        self.app = app
-        self.gateway = app.gateway
-        self.cache = ResultCache(app.settings.cache_max_bytes, app.settings.cache_ttl_s)
+    def __init__(self, gateway: Gateway, cache: ResultCache) -> None:
+        self.gateway = gateway
+        self.cache = cache
         self.flights: dict[str, Flight] = {}
 
     async def serve(self, call: Call, plan: Plan, receive: Receive, send: Send) -> None:
         assert call.principal is not None and call.payload is not None
-        realm = call.principal.realm.name
-        canonical = canonical_request(call.path, call.payload)
+        keys = CacheKey(call.principal.realm.name, canonical_request(call.path, call.payload))
         if call.cacheable:
             for target in plan.targets:
-                result = self.cache.get(cache_key(realm, canonical, target.model.fingerprint(target.node)))
+                result = self.cache.get(keys.answer(fingerprint(target.model, target.node)))
                 if result is not None:
                     self.cache.hits += 1
                     self.cache.saved += 1
@@ -2182,10 +2273,10 @@ class Sharing:
                     )
                     await self.deliver(call, Flight.replay(result), receive, send)
                     return
-        key = f"{realm}|{canonical}|{call.model}"
+        key = keys.flight(call.model)
         flight = self.flights.get(key) if call.coalescable else None
         if flight is None:
-            flight = self.launch(call, plan, key, realm, canonical)
+            flight = self.launch(call, plan, keys)
             self.cache.misses += 1
             call.cache_status = "miss"
         else:
@@ -2194,15 +2285,15 @@ class Sharing:
             call.cache_status = "coalesced"
         await self.deliver(call, flight, receive, send)
 
-    def launch(self, call: Call, plan: Plan, key: str, realm: str, canonical: str) -> Flight:
-        flight = Flight(key, call.stream)
+    def launch(self, call: Call, plan: Plan, keys: CacheKey) -> Flight:
+        flight = Flight(keys.flight(call.model), call.stream)
         shared = call.fork(self.gateway.next_request_id())
         if call.coalescable:
-            self.flights[key] = flight
-        flight.task = asyncio.get_running_loop().create_task(self.fly(flight, shared, plan, realm, canonical))
+            self.flights[flight.key] = flight
+        flight.task = asyncio.get_running_loop().create_task(self.fly(flight, shared, plan, keys))
         return flight
 
-    async def fly(self, flight: Flight, shared: Call, plan: Plan, realm: str, canonical: str) -> None:
+    async def fly(self, flight: Flight, shared: Call, plan: Plan, keys: CacheKey) -> None:
         """The one upstream call: the ordinary relay (failover, admission, metering), into the flight."""
         error: HTTPError | None = None
         try:
@@ -2223,8 +2314,8 @@ class Sharing:
         if result is not None and shared.cacheable and shared.node is not None:
             model = next((m for m in shared.node.models if m.id == shared.upstream_model), None)
             if model is not None:
-                result.fingerprint = model.fingerprint(shared.node)
-                self.cache.put(cache_key(realm, canonical, result.fingerprint), result)
+                result.fingerprint = fingerprint(model, shared.node)
+                self.cache.put(keys.answer(result.fingerprint), result)
 
     async def deliver(self, call: Call, flight: Flight, receive: Receive, send: Send) -> None:
         flight.waiters += 1
@@ -2772,13 +2863,29 @@ class Call:
 class Gateway:
     """Serves `/v1/*`: reads the request, asks the router for candidates, relays the first that answers."""
 
-    def __init__(self, app: App) -> None:
-        self.app = app
-        self.settings = app.settings
-        self.router = app.router
-        self.registry = app.registry
-        self.http: aiohttp.ClientSession | None = None
-        self.fresh_http: aiohttp.ClientSession | None = None
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        registry: Registry,
+        router: Router,
+        policy: Policy,
+        admission: Admission,
+        clients: NodeClients,
+        cache: ResultCache,
+        accounting: Accounting,
+        started_at: float,
+    ) -> None:
+        self.settings = settings
+        self.registry = registry
+        self.router = router
+        self.policy = policy
+        self.admission = admission
+        self.clients = clients
+        self.accounting = accounting
+        self.started_at = started_at
+        self.coalescer = Coalescer(self, cache)
+        self.running: dict[Call, asyncio.Task[Any]] = {}  # requests in flight, for `share off` and revocation
         self._counter = 0
         self._prefix = secrets.token_hex(4)
 
@@ -2788,7 +2895,7 @@ class Gateway:
 
     async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         call = Call(scope, self.next_request_id())
-        policy = self.app.policy
+        policy = self.policy
         try:
             call.principal = policy.identify(credential_of(call.headers), call.client)
             if call.method == "GET" and call.path.startswith("/v1/models"):
@@ -2797,15 +2904,15 @@ class Gateway:
             call.body = await self.read_body(call, receive)
             plan = self.plan(call)
             call.quotas = policy.admit(call.principal)
-            self.app.active[call] = asyncio.current_task()  # type: ignore[assignment]
+            self.running[call] = asyncio.current_task()  # type: ignore[assignment]
             if call.cacheable or call.coalescable:
-                await self.app.sharing.serve(call, plan, receive, send)
+                await self.coalescer.serve(call, plan, receive, send)
             else:
                 await self.watching(call, receive, self.relay(call, plan, send))
         except HTTPError as exc:
             call.status, call.error = exc.status, exc.code
             if exc.status in (401, 403):
-                self.app.audit_denial(call, exc)
+                self.accounting.denied(call, exc)
             await self.send_error(call, send, exc)
         except ClientGone:
             call.status, call.error = 499, "client_disconnected"
@@ -2815,10 +2922,18 @@ class Gateway:
             with contextlib.suppress(Exception):
                 await self.send_error(call, send, HTTPError(500, "Internal gateway error.", "internal_error"))
         finally:
-            self.app.active.pop(call, None)
+            self.running.pop(call, None)
             if call.quotas:
                 policy.settle(call.quotas, call.meter.total)
-            self.app.request_done(call)
+            self.accounting.request_done(call)
+
+    def abort(self, reason: str, which: Callable[[Call], bool] = lambda _call: True) -> None:
+        """End running requests at once: a stream gets a clean error frame, a request not yet answered an
+        ordinary refusal (see `watching`)."""
+        for call, task in list(self.running.items()):
+            if which(call):
+                call.aborted = reason
+                task.cancel()
 
     async def read_body(self, call: Call, receive: Receive) -> bytes:
         limit = self.settings.max_body_bytes
@@ -2856,7 +2971,7 @@ class Gateway:
             return self.router.any_node()
         call.model = model
         assert call.principal is not None
-        self.app.policy.check_model(call.principal, model)
+        self.policy.check_model(call.principal, model)
         options = payload.get("vampire") if isinstance(payload.get("vampire"), dict) else {}
         strategy = call.header(b"x-vampire-strategy") or options.get("strategy")
         if strategy is not None and strategy not in STRATEGIES:
@@ -2877,7 +2992,7 @@ class Gateway:
             call.session,
             previous if isinstance(previous, str) else None,
         )
-        allowed = self.app.policy.allowed_nodes(call.principal)
+        allowed = self.policy.allowed_nodes(call.principal)
         if allowed is not None:
             plan.targets = [t for t in plan.targets if t.node.id in allowed]
             if not plan.targets:
@@ -2974,7 +3089,7 @@ class Gateway:
         remaining = list(plan.targets)
         deadline: float | None = None
         failure: UpstreamFailed | None = None
-        admission = self.app.admission
+        admission = self.admission
         while remaining:
             hot = [t for t in remaining if t.warm] if plan.strategy in HOT_FIRST else []
             target = next((t for t in hot or remaining if admission.has_room(t)), None)
@@ -3003,7 +3118,7 @@ class Gateway:
 
     async def attempt(self, call: Call, target: Target, send: Send, last: bool) -> None:
         """One try on one node: hold its slot, keep its breaker and inventory honest."""
-        node, admission = target.node, self.app.admission
+        node, admission = target.node, self.admission
         call.node, call.upstream_model = node, target.upstream_model
         cold = not target.warm
         if cold:
@@ -3038,7 +3153,6 @@ class Gateway:
 
     async def open_upstream(self, call: Call, target: Target) -> aiohttp.ClientResponse:
         """Send the request; a pooled connection the node already closed is retried once on a fresh one."""
-        assert self.http is not None and self.fresh_http is not None
         node = target.node
         url, body, headers = (
             call.upstream_url(node),
@@ -3046,12 +3160,12 @@ class Gateway:
             self.upstream_headers(call, node),
         )
         try:
-            return await self.http.request(call.method, url, data=body, headers=headers)
+            return await self.clients.relay.request(call.method, url, data=body, headers=headers)
         except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
             if isinstance(exc, aiohttp.ClientConnectorError):
                 raise UpstreamFailed(f"cannot connect: {_describe_error(exc)}") from None
         try:
-            return await self.fresh_http.request(call.method, url, data=body, headers=headers)
+            return await self.clients.fresh.request(call.method, url, data=body, headers=headers)
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             raise UpstreamFailed(_describe_error(exc)) from None
 
@@ -3217,7 +3331,7 @@ class Gateway:
 
     def _may_use(self, call: Call, model_id: str) -> bool:
         try:
-            self.app.policy.check_model(call.principal, model_id)  # type: ignore[arg-type]
+            self.policy.check_model(call.principal, model_id)  # type: ignore[arg-type]
         except HTTPError:
             return False
         return True
@@ -3226,7 +3340,7 @@ class Gateway:
         entry: dict[str, Any] = {
             "id": model_id,
             "object": "model",
-            "created": int(self.app.started_at),
+            "created": int(self.started_at),
             "owned_by": "vampire",
         }
         if detail:
@@ -3251,8 +3365,6 @@ class Gateway:
 class BatchWriter:
     """Rows (usage ledger, audit log) written to SQLite in small batches, off the request path."""
 
-    FLUSH_EVERY_S = 0.5
-
     def __init__(self, write: Callable[[list[tuple[Any, ...]]], None]) -> None:
         self.write = write
         self.pending: list[tuple[Any, ...]] = []
@@ -3267,11 +3379,6 @@ class BatchWriter:
                 self.write(rows)
             except (sqlite3.Error, UnicodeError, ValueError):
                 log.exception("could not store %d rows; they are dropped", len(rows))
-
-    async def flush_forever(self) -> None:
-        while True:
-            await asyncio.sleep(self.FLUSH_EVERY_S)
-            self.flush()
 
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
@@ -3324,7 +3431,8 @@ def _labels(names: tuple[str, ...], values: tuple[str, ...]) -> str:
 class Metrics:
     """What happened, counted as it happens; what is, read from the live objects when scraped."""
 
-    def __init__(self) -> None:
+    def __init__(self, registry: Registry, admission: Admission, cache: ResultCache) -> None:
+        self.registry, self.admission, self.cache = registry, admission, cache
         self.requests: dict[tuple[str, str, str, str], int] = {}  # surface, model, node, status
         self.tokens: dict[tuple[str, str], int] = {}  # direction, model
         self.failovers = 0  # node attempts that failed before the first byte
@@ -3344,7 +3452,7 @@ class Metrics:
                 self.tokens[(direction, model)] = self.tokens.get((direction, model), 0) + amount
         self.failovers += call.failovers
 
-    def render(self, app: App) -> str:
+    def render(self) -> str:
         out: list[str] = []
 
         def family(name: str, kind: str, help_text: str, rows: Iterable[str]) -> None:
@@ -3386,13 +3494,12 @@ class Metrics:
             "Node attempts that failed before the first byte, so another node answered.",
             [f"vampire_failovers_total {self.failovers}"],
         )
-        self._render_nodes(app, family)
-        self._render_cache(app, family)
+        self._render_nodes(family)
+        self._render_cache(family)
         return "\n".join(out) + "\n"
 
-    @staticmethod
-    def _render_nodes(app: App, family: Callable[[str, str, str, Iterable[str]], None]) -> None:
-        nodes = sorted(app.registry.nodes.values(), key=lambda n: n.id)
+    def _render_nodes(self, family: Callable[[str, str, str, Iterable[str]], None]) -> None:
+        nodes = sorted(self.registry.nodes.values(), key=lambda n: n.id)
         family(
             "vampire_node_state",
             "gauge",
@@ -3432,12 +3539,11 @@ class Metrics:
             "vampire_queue_depth",
             "gauge",
             "Requests waiting for a free slot.",
-            [f"vampire_queue_depth {len(app.admission.waiters)}"],
+            [f"vampire_queue_depth {len(self.admission.waiters)}"],
         )
 
-    @staticmethod
-    def _render_cache(app: App, family: Callable[[str, str, str, Iterable[str]], None]) -> None:
-        stats = app.sharing.cache.stats()
+    def _render_cache(self, family: Callable[[str, str, str, Iterable[str]], None]) -> None:
+        stats = self.cache.stats()
         for name, key, kind, text in (
             ("vampire_cache_hits_total", "hits", "counter", "Answers served from the cache."),
             ("vampire_cache_misses_total", "misses", "counter", "Eligible requests that went upstream."),
@@ -3459,6 +3565,84 @@ class Metrics:
             family(name, kind, text, [f"{name} {stats[key]}"])
 
 
+class Accounting:
+    """What is recorded about every request and admin action: the usage ledger and the audit log
+    (batched into SQLite off the request path), metrics, live events and the request log line."""
+
+    FLUSH_EVERY_S = 0.5
+
+    def __init__(self, settings: Settings, store: Store, events: EventBus, metrics: Metrics) -> None:
+        self.settings = settings
+        self.store = store
+        self.events = events
+        self.metrics = metrics
+        self.ledger = BatchWriter(store.add_usage)
+        self.audit_log = BatchWriter(store.add_audit)
+
+    def request_done(self, call: Call) -> None:
+        seconds = time.perf_counter() - call.started
+        self.metrics.count(call, seconds)
+        latency_ms = round(seconds * 1000, 2)
+        if call.method == "POST" and call.model is not None:
+            self.ledger.record(self._usage_row(call, latency_ms))
+        logged = log.isEnabledFor(logging.INFO)
+        if logged or self.events.listened:
+            summary = call.summary(latency_ms)
+            self.events.publish("request", summary)
+            if logged:
+                log.info("request", extra={"fields": summary})
+
+    @staticmethod
+    def _usage_row(call: Call, latency_ms: float) -> tuple[Any, ...]:
+        principal = call.principal
+        return (
+            time.time(),
+            call.request_id,
+            principal.key_id if principal else None,
+            principal.realm.name if principal else None,
+            storable_text(call.model or ""),
+            call.node.id if call.node else None,
+            call.meter.prompt or 0,
+            call.meter.completion or 0,
+            latency_ms,
+            call.status,
+            call.surface,
+        )
+
+    def admin_action(self, action: str, where: str | None, **details: Any) -> None:
+        """Who, when, what, from where: ids and names only, never secrets or prompt text."""
+        who = "admin-token" if self.settings.admin_token else "loopback"
+        self.audit_log.record((time.time(), who, action, where, json.dumps(details, default=str)))
+        log.info("audit", extra={"fields": {"action": action, "who": who, "from": where, **details}})
+
+    def denied(self, call: Call, exc: HTTPError) -> None:
+        who = f"key:{call.principal.key_id}" if call.principal and call.principal.key else "anonymous"
+        details = {
+            "status": exc.status,
+            "code": exc.code,
+            "path": storable_text(call.path),
+            "model": storable_text(call.model) if call.model else None,
+        }
+        self.audit_log.record((time.time(), who, "denied", call.client, json.dumps(details)))
+
+    def usage(self, group_by: str, since: float) -> list[dict[str, Any]]:
+        self.ledger.flush()
+        return self.store.usage(group_by, since)
+
+    def audit_rows(self) -> list[dict[str, Any]]:
+        self.audit_log.flush()
+        return self.store.audit()
+
+    def flush(self) -> None:
+        self.ledger.flush()
+        self.audit_log.flush()
+
+    async def flush_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.FLUSH_EVERY_S)
+            self.flush()
+
+
 # ── control plane: /vampire/v1/* for people and tools; Starlette, since none of it is a hot path ──────────
 
 
@@ -3477,9 +3661,30 @@ def api_error(
 class ControlPlane:
     """The owner's API; guarded by the admin token, or by loopback when no token is set."""
 
-    def __init__(self, app: App) -> None:
-        self.app = app
-        self.registry = app.registry
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        registry: Registry,
+        router: Router,
+        policy: Policy,
+        admission: Admission,
+        gateway: Gateway,
+        cache: ResultCache,
+        accounting: Accounting,
+        clients: NodeClients,
+        identity: dict[str, Any],
+    ) -> None:
+        self.settings = settings
+        self.registry = registry
+        self.router = router
+        self.policy = policy
+        self.admission = admission
+        self.gateway = gateway
+        self.cache = cache
+        self.accounting = accounting
+        self.clients = clients
+        self.identity = identity
 
     def routes(self) -> list[routing.Route]:
         p = "/vampire/v1"
@@ -3530,7 +3735,7 @@ class ControlPlane:
         return endpoint
 
     def denied(self, request: Request) -> Response | None:
-        token = self.app.settings.admin_token
+        token = self.settings.admin_token
         if token:
             given = request.headers.get("authorization", "")
             if not secrets.compare_digest(given.encode(), f"Bearer {token}".encode()):
@@ -3544,19 +3749,22 @@ class ControlPlane:
             )
         return None
 
+    def record(self, action: str, request: Request, **details: Any) -> None:
+        self.accounting.admin_action(action, request.client.host if request.client else None, **details)
+
     async def status(self, request: Request) -> Response:
         nodes = list(self.registry.nodes.values())
         return JSONResponse(
             {
                 "version": __version__,
-                "instance": self.app.instance,
-                "share": self.app.policy.share,
+                "instance": self.identity["instance"],
+                "share": self.policy.share,
                 "nodes_total": len(nodes),
                 "nodes_online": sum(n.health == "online" for n in nodes),
-                "uptime_s": round(time.time() - self.app.started_at, 1),
-                "queue": len(self.app.admission.waiters),
+                "uptime_s": round(time.time() - self.identity["started_at"], 1),
+                "queue": len(self.admission.waiters),
                 "in_flight": sum(n.in_flight for n in nodes),
-                "keys": len(self.app.policy.keys),
+                "keys": len(self.policy.keys),
             }
         )
 
@@ -3599,7 +3807,7 @@ class ControlPlane:
             )
         except (NodeRefused, ConfigError) as exc:
             raise HTTPError(400, str(exc), "node_refused") from None
-        self.app.audit("node.add", request, node=node.id)
+        self.record("node.add", request, node=node.id)
         return JSONResponse(node.public(), status_code=201)
 
     async def get_node(self, request: Request) -> Response:
@@ -3625,13 +3833,13 @@ class ControlPlane:
         self.registry.update(node, **changes)
         if "token" in changes or changes.get("admin_state") == "active":
             await self.registry.probe(node)
-        self.app.audit("node.update", request, node=node.id, fields=sorted(changes))
+        self.record("node.update", request, node=node.id, fields=sorted(changes))
         return JSONResponse(node.public())
 
     async def delete_node(self, request: Request) -> Response:
         node = self._node(request)
         self.registry.remove(node)
-        self.app.audit("node.remove", request, node=node.id)
+        self.record("node.remove", request, node=node.id)
         return JSONResponse({"id": node.id, "deleted": True})
 
     async def probe_node(self, request: Request) -> Response:
@@ -3673,30 +3881,30 @@ class ControlPlane:
         timeout = float(timeout_ms) / 1000.0
         try:
             found = await discover(
-                self.app.probe_http(),
+                self.clients.probe,
                 [str(s) for s in subnets],
                 ports,
                 timeout=timeout,
-                allow_public=self.app.settings.allow_public_nodes,
+                allow_public=self.settings.allow_public_nodes,
             )
         except NodeRefused as exc:
             raise HTTPError(400, str(exc), "invalid_request") from None
         if body.get("add"):
-            await self.app.add_discovered(found)
-        self.app.audit("discover", request, subnets=subnets, found=len(found))
+            await self.registry.add_discovered(found)
+        self.record("discover", request, subnets=subnets, found=len(found))
         return JSONResponse({"object": "list", "data": [f.public() for f in found]})
 
     async def list_routes(self, request: Request) -> Response:
-        return JSONResponse({"object": "list", "data": [r.public() for r in self.app.router.routes.values()]})
+        return JSONResponse({"object": "list", "data": [r.public() for r in self.router.routes.values()]})
 
     async def save_route(self, request: Request) -> Response:
         route = Route.from_json(await self._json_object(request))
-        self.app.router.save_route(route)
-        self.app.audit("route.save", request, route=route.id)
+        self.router.save_route(route)
+        self.record("route.save", request, route=route.id)
         return JSONResponse(route.public(), status_code=201)
 
     def _route(self, request: Request) -> Route:
-        route = self.app.router.routes.get(request.path_params["route_id"])
+        route = self.router.routes.get(request.path_params["route_id"])
         if route is None:
             raise HTTPError(404, f"No route `{request.path_params['route_id']}`.", "route_not_found")
         return route
@@ -3706,8 +3914,8 @@ class ControlPlane:
 
     async def delete_route(self, request: Request) -> Response:
         route = self._route(request)
-        self.app.router.delete_route(route.id)
-        self.app.audit("route.delete", request, route=route.id)
+        self.router.delete_route(route.id)
+        self.record("route.delete", request, route=route.id)
         return JSONResponse({"id": route.id, "deleted": True})
 
     async def explain(self, request: Request) -> Response:
@@ -3723,10 +3931,10 @@ class ControlPlane:
         strategy = request.query_params.get("strategy")
         if strategy is not None and strategy not in STRATEGIES:
             raise HTTPError(400, f"`strategy` must be one of {', '.join(STRATEGIES)}.", "invalid_strategy")
-        return JSONResponse(self.app.router.explain(model, needs, strategy))
+        return JSONResponse(self.router.explain(model, needs, strategy))
 
     async def list_keys(self, request: Request) -> Response:
-        return JSONResponse({"object": "list", "data": [k.public() for k in self.app.policy.keys.values()]})
+        return JSONResponse({"object": "list", "data": [k.public() for k in self.policy.keys.values()]})
 
     async def create_key(self, request: Request) -> Response:
         body = await self._json_object(request)
@@ -3742,21 +3950,21 @@ class ControlPlane:
             raise HTTPError(
                 400, "`expires_at` is a Unix time in seconds.", "invalid_request", param="expires_at"
             )
-        key, secret = self.app.policy.create_key(
+        key, secret = self.policy.create_key(
             name, str(body.get("realm") or DEFAULT_REALM), models=models, expires_at=expires, **limits
         )
-        self.app.audit("key.create", request, key=key.id, realm=key.realm)
+        self.record("key.create", request, key=key.id, realm=key.realm)
         return JSONResponse(key.public() | {"key": secret}, status_code=201)
 
     async def revoke_key(self, request: Request) -> Response:
         key_id = request.path_params["key_id"]
-        if not self.app.policy.revoke_key(key_id):
+        if not self.policy.revoke_key(key_id):
             raise HTTPError(404, f"No key `{key_id}`.", "key_not_found")
-        self.app.audit("key.revoke", request, key=key_id)
+        self.record("key.revoke", request, key=key_id)
         return JSONResponse({"id": key_id, "revoked": True})
 
     async def list_realms(self, request: Request) -> Response:
-        return JSONResponse({"object": "list", "data": [r.public() for r in self.app.policy.realms.values()]})
+        return JSONResponse({"object": "list", "data": [r.public() for r in self.policy.realms.values()]})
 
     async def save_realm(self, request: Request) -> Response:
         body = await self._json_object(request)
@@ -3771,18 +3979,20 @@ class ControlPlane:
         realm = Realm(
             name, **lists, **{k: _opt_positive_int(body, k) for k in ("rpm", "tpm", "max_concurrent")}
         )
-        self.app.policy.save_realm(realm)
-        self.app.audit("realm.save", request, realm=name)
+        self.policy.save_realm(realm)
+        self.record("realm.save", request, realm=name)
         return JSONResponse(realm.public(), status_code=201)
 
     async def get_share(self, request: Request) -> Response:
-        return JSONResponse({"mode": self.app.policy.share})
+        return JSONResponse({"mode": self.policy.share})
 
     async def put_share(self, request: Request) -> Response:
         mode = (await self._json_object(request)).get("mode")
-        self.app.set_share(str(mode))
-        self.app.audit("share", request, mode=mode)
-        return JSONResponse({"mode": self.app.policy.share})
+        self.policy.set_share(str(mode))
+        if mode == "off":  # off also ends every running answer, each with a clean error frame
+            self.gateway.abort("sharing_off")
+        self.record("share", request, mode=mode)
+        return JSONResponse({"mode": self.policy.share})
 
     async def usage(self, request: Request) -> Response:
         group_by = request.query_params.get("group_by", "model")
@@ -3794,29 +4004,27 @@ class ControlPlane:
                 param="group_by",
             )
         since = _parse_since(request.query_params.get("since"))
-        self.app.ledger.flush()
-        data = self.app.store.usage(group_by, since)
+        data = self.accounting.usage(group_by, since)
         totals = {
             k: sum(row[k] or 0 for row in data) for k in ("requests", "prompt_tokens", "completion_tokens")
         }
         return JSONResponse({"object": "list", "group_by": group_by, "data": data, "totals": totals})
 
     async def cache_stats(self, request: Request) -> Response:
-        return JSONResponse(self.app.sharing.cache.stats())
+        return JSONResponse(self.cache.stats())
 
     async def cache_clear(self, request: Request) -> Response:
-        self.app.sharing.cache.clear()
-        self.app.audit("cache.clear", request)
-        return JSONResponse(self.app.sharing.cache.stats())
+        self.cache.clear()
+        self.record("cache.clear", request)
+        return JSONResponse(self.cache.stats())
 
     async def audit(self, request: Request) -> Response:
-        self.app.audit_log.flush()
-        return JSONResponse({"object": "list", "data": self.app.store.audit()})
+        return JSONResponse({"object": "list", "data": self.accounting.audit_rows()})
 
     async def events(self, request: Request) -> Response:
         if request.method == "HEAD":  # the route's GET brings HEAD along; a HEAD must not open a stream
             return Response(media_type="text/event-stream")
-        queue = self.app.events.subscribe()
+        queue = self.accounting.events.subscribe()
 
         async def stream() -> Any:
             try:
@@ -3829,7 +4037,7 @@ class ControlPlane:
                         continue
                     yield f"event: {event.kind}\ndata: {json.dumps(event.data)}\n\n".encode()
             finally:
-                self.app.events.unsubscribe(queue)
+                self.accounting.events.unsubscribe(queue)
 
         return StreamingResponse(
             stream(), media_type="text/event-stream", headers={"Cache-Control": "no-store"}
@@ -3837,13 +4045,13 @@ class ControlPlane:
 
     async def metrics(self, request: Request) -> Response:
         return Response(
-            self.app.metrics.render(self.app), media_type="text/plain; version=0.0.4; charset=utf-8"
+            self.accounting.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8"
         )
 
     async def dashboard(self, request: Request) -> Response:
         # The page holds no data and no secrets; with an admin token set it must load so that it can ask
         # for the token, which then guards every call it makes. Without a token, loopback only.
-        if not self.app.settings.admin_token and (denied := self.denied(request)):
+        if not self.settings.admin_token and (denied := self.denied(request)):
             return denied
         return HTMLResponse(DASHBOARD_HTML, headers={"Cache-Control": "no-store"})
 
@@ -3895,7 +4103,8 @@ async def _server_error(request: Request, exc: Exception) -> Response:
 
 
 class App:
-    """Everything one running gateway owns; the ASGI entry point dispatches the hot path itself."""
+    """One running gateway: builds its parts, hands each the collaborators it needs, and dispatches the
+    hot path (`/v1/*`) itself, everything else to Starlette."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -3903,18 +4112,37 @@ class App:
         self.started_at = time.time()
         self.events = EventBus()
         self.store = Store(settings.db_path)
-        self.registry = Registry(settings, self.store, self.events)
+        self.clients = NodeClients(settings)
+        self.cache = ResultCache(settings.cache_max_bytes, settings.cache_ttl_s)
+        self.registry = Registry(settings, self.store, self.events, self.clients, self.cache.invalidate)
         self.router = Router(self.registry, self.store)
         self.admission = Admission(settings)
         self.policy = Policy(settings, self.store)
-        self.ledger = BatchWriter(self.store.add_usage)
-        self.audit_log = BatchWriter(self.store.add_audit)
-        self.active: dict[Call, asyncio.Task[Any]] = {}  # data-plane requests in flight, for `share off`
-        self.gateway = Gateway(self)
-        self.control = ControlPlane(self)
-        self.sharing = Sharing(self)
-        self.metrics = Metrics()
-        self.registry.on_fingerprints_changed = self.sharing.cache.invalidate
+        self.metrics = Metrics(self.registry, self.admission, self.cache)
+        self.accounting = Accounting(settings, self.store, self.events, self.metrics)
+        self.gateway = Gateway(
+            settings,
+            registry=self.registry,
+            router=self.router,
+            policy=self.policy,
+            admission=self.admission,
+            clients=self.clients,
+            cache=self.cache,
+            accounting=self.accounting,
+            started_at=self.started_at,
+        )
+        self.control = ControlPlane(
+            settings,
+            registry=self.registry,
+            router=self.router,
+            policy=self.policy,
+            admission=self.admission,
+            gateway=self.gateway,
+            cache=self.cache,
+            accounting=self.accounting,
+            clients=self.clients,
+            identity={"instance": self.instance, "started_at": self.started_at},
+        )
         self.demo_nodes: list[Any] = []
         self._tasks: list[asyncio.Task[Any]] = []
         self.starlette = Starlette(
@@ -3999,9 +4227,7 @@ class App:
 
     async def start(self) -> None:
         s = self.settings
-        self.gateway.http = self.node_session(relay=True)
-        self.gateway.fresh_http = self.node_session(relay=True, force_close=True)
-        self.registry.http = self.node_session(relay=False)
+        self.clients.open()
         self.registry.load()
         self.registry.merge_configured(s.nodes)
         if s.demo:
@@ -4011,64 +4237,22 @@ class App:
             return_exceptions=True,
         )
         if not self.registry.nodes and s.discover_local:
-            await self.find_local_nodes()
+            await self.registry.find_local_nodes()
         loop = asyncio.get_running_loop()
         self._tasks += [
             loop.create_task(self.registry.refresh_forever()),
-            loop.create_task(self.flush_forever()),
+            loop.create_task(self.accounting.flush_forever()),
         ]
-        # Everything built so far lives as long as the process: keep the cyclic collector from walking it
-        # again and again under load (full collections otherwise stall requests for milliseconds).
-        gc.collect()
-        gc.freeze()
-        # Each request allocates a few hundred short-lived objects; collecting the young generation every
-        # 700 allocations (the default) means a collection every other request.
-        gc.set_threshold(20_000, 50, 100)
-        release_free_memory()
-
-    async def flush_forever(self) -> None:
-        while True:
-            await asyncio.sleep(BatchWriter.FLUSH_EVERY_S)
-            self.ledger.flush()
-            self.audit_log.flush()
-
-    def node_session(self, *, relay: bool, force_close: bool = False) -> aiohttp.ClientSession:
-        """A client for talking to nodes, SSRF-guarded at connect time. The relay's sessions pass bodies
-        through untouched (no decompression, no added headers) and wait up to the first-byte timeout."""
-        s = self.settings
-        connector = aiohttp.TCPConnector(
-            limit=0 if relay else 64,
-            force_close=force_close,
-            resolver=GuardedResolver(lambda: s.allow_public_nodes),
-        )
-        if not relay:
-            return aiohttp.ClientSession(connector=connector)
-        timeout = aiohttp.ClientTimeout(
-            total=None, connect=s.connect_timeout_s, sock_read=s.first_byte_timeout_s
-        )
-        return aiohttp.ClientSession(
-            connector=connector,
-            timeout=timeout,
-            auto_decompress=False,
-            skip_auto_headers=("Accept-Encoding", "User-Agent"),
-        )
 
     async def stop(self) -> None:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        for session in (self.gateway.http, self.gateway.fresh_http, self.registry.http):
-            if session is not None:
-                await session.close()
+        await self.clients.close()
         for node in self.demo_nodes:
             await node.stop()
-        self.ledger.flush()
-        self.audit_log.flush()
+        self.accounting.flush()
         self.store.close()
-
-    def probe_http(self) -> aiohttp.ClientSession:
-        assert self.registry.http is not None
-        return self.registry.http
 
     async def start_demo_nodes(self) -> list[str]:
         """Two emulated LM Studio nodes holding different models, so the product works with none around."""
@@ -4082,74 +4266,6 @@ class App:
             urls.append(await node.start("127.0.0.1", 0))
             self.demo_nodes.append(node)
         return urls
-
-    async def find_local_nodes(self) -> None:
-        """With no nodes configured, look for LM Studio and Ollama on this machine; its owner runs us."""
-        for port in DISCOVERY_PORTS:
-            url = f"http://127.0.0.1:{port}"
-            result = await interrogate(self.probe_http(), url, None, 1.0)
-            if result.health != "offline":
-                log.info("found a local %s node at %s", result.kind, url)
-                await self.registry.add(url, trusted=True, source="local")
-
-    async def add_discovered(self, found: list[Found]) -> None:
-        for item in found:
-            if self.registry.by_url(split_node_spec(item.url)[0]) is None:
-                await self.registry.add(item.url, trusted=False, source="discovered")
-                item.added = True
-
-    def request_done(self, call: Call) -> None:
-        seconds = time.perf_counter() - call.started
-        self.metrics.count(call, seconds)
-        latency_ms = round(seconds * 1000, 2)
-        if call.method == "POST" and call.model is not None:
-            principal = call.principal
-            self.ledger.record(
-                (
-                    time.time(),
-                    call.request_id,
-                    principal.key_id if principal else None,
-                    principal.realm.name if principal else None,
-                    storable_text(call.model),
-                    call.node.id if call.node else None,
-                    call.meter.prompt or 0,
-                    call.meter.completion or 0,
-                    latency_ms,
-                    call.status,
-                    call.surface,
-                )
-            )
-        logged = log.isEnabledFor(logging.INFO)
-        if logged or self.events.listened:
-            summary = call.summary(latency_ms)
-            self.events.publish("request", summary)
-            if logged:
-                log.info("request", extra={"fields": summary})
-
-    def audit(self, action: str, request: Request, **details: Any) -> None:
-        """Admin actions: who, when, what, from where — ids and names only, never secrets or prompt text."""
-        who = "admin-token" if self.settings.admin_token else "loopback"
-        where = request.client.host if request.client else None
-        self.audit_log.record((time.time(), who, action, where, json.dumps(details, default=str)))
-        log.info("audit", extra={"fields": {"action": action, "who": who, "from": where, **details}})
-
-    def audit_denial(self, call: Call, exc: HTTPError) -> None:
-        who = f"key:{call.principal.key_id}" if call.principal and call.principal.key else "anonymous"
-        details = {
-            "status": exc.status,
-            "code": exc.code,
-            "path": storable_text(call.path),
-            "model": storable_text(call.model) if call.model else None,
-        }
-        self.audit_log.record((time.time(), who, "denied", call.client, json.dumps(details)))
-
-    def set_share(self, mode: str) -> None:
-        """The owner's switch. `off` also ends every running answer with a clean error frame at once."""
-        self.policy.set_share(mode)
-        if mode == "off":
-            for call, task in list(self.active.items()):
-                call.aborted = "sharing_off"
-                task.cancel()
 
 
 # ── dashboard: the owner's single page, embedded so it works offline with no build step ───────────────────
@@ -5537,8 +5653,21 @@ async def serve_with_banner(server: Any, announce: Callable[[], None]) -> None:
     while not server.started and not task.done():
         await asyncio.sleep(0.02)
     if server.started:
+        tune_for_serving()
         announce()
     await task
+
+
+def tune_for_serving() -> None:
+    """Process-wide tuning for a gateway that owns its process (never done for apps inside tests)."""
+    # Everything built at start-up lives as long as the process: keep the cyclic collector from walking it
+    # again and again under load (full collections otherwise stall requests for milliseconds).
+    gc.collect()
+    gc.freeze()
+    # Each request allocates a few hundred short-lived objects; collecting the young generation every
+    # 700 allocations (the default) means a collection every other request.
+    gc.set_threshold(20_000, 50, 100)
+    release_free_memory()
 
 
 def print_banner(settings: Settings, server: Any, open_browser: bool) -> Callable[[], None]:

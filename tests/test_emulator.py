@@ -859,10 +859,9 @@ def test_fault_stall_never_answers_until_the_client_leaves(make_node: NodeFactor
 
     (thread,) = run_in_threads(1, stalled)
     wait_until(lambda: node.stats.faults_injected == 2)
-    started = time.monotonic()
     bg.run(node.stop())
-    thread.join(5)
-    assert time.monotonic() - started < 3 and len(outcome) == 1
+    thread.join(10)
+    assert not thread.is_alive() and len(outcome) == 1
 
 
 def test_fault_midstream_aborts_after_some_chunks(make_node: NodeFactory) -> None:

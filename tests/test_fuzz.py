@@ -271,9 +271,9 @@ def idle(rig: Rig) -> bool:
 
     def check() -> bool:
         return (
-            not app.active
+            not app.gateway.running
             and not app.admission.waiters
-            and not app.sharing.flights
+            and not app.gateway.coalescer.flights
             and not app.events.listened
             and all(
                 n.in_flight == 0 and not any(n.busy.values()) and not n.warming
@@ -313,7 +313,7 @@ def revive(rig: Rig) -> None:
         for i, task in enumerate(app._tasks):
             if task.done():
                 name = task.get_coro().__name__
-                owner = app.registry if hasattr(app.registry, name) else app
+                owner = app.registry if hasattr(app.registry, name) else app.accounting
                 app._tasks[i] = asyncio.get_running_loop().create_task(getattr(owner, name)())
 
     rig.on_loop(restart)
@@ -387,7 +387,7 @@ def assert_intact(rig: Rig) -> None:
         app = rig.gw.app
         real = app.registry.nodes[rig.node_id]
         assert real.in_flight == 0 and not any(real.busy.values())
-        assert not app.admission.waiters and not app.sharing.flights and not app.active
+        assert not app.admission.waiters and not app.gateway.coalescer.flights and not app.gateway.running
     finally:
         add_spare(rig)
 

@@ -348,7 +348,7 @@ def test_repeated_failures_open_the_circuit_then_it_recovers(twins: Any) -> None
 def test_stalled_node_counts_as_failed_after_the_first_byte_timeout(twins: Any) -> None:
     a, b, gw = twins
     gw.app.settings.first_byte_timeout_s = 0.3
-    gw.app.gateway.http._timeout = aiohttp.ClientTimeout(total=None, connect=5, sock_read=0.3)
+    gw.app.clients.relay._timeout = aiohttp.ClientTimeout(total=None, connect=5, sock_read=0.3)
     gw.app.registry.by_url(a.url.rstrip("/")).latency_ms = 0.0001
     a.set_fault("stall")
     resp = chat(gw, "m", {"X-Vampire-Session": "stall"})
@@ -363,7 +363,7 @@ def test_fault_storm_costs_clients_nothing(node_factory: Any, gateway_factory: A
     ]
     healthy = node_factory([MockModel("m", loaded=True, parallel=8)], tps=200, completion_tokens=6)
     gw = gateway_factory([*(n.url for n in flaky), healthy.url], refresh_s=0.3, first_byte_timeout_s=0.4)
-    gw.app.gateway.http._timeout = aiohttp.ClientTimeout(total=None, connect=2, sock_read=0.4)
+    gw.app.clients.relay._timeout = aiohttp.ClientTimeout(total=None, connect=2, sock_read=0.4)
     kinds = ["500", "503", "429", "stall", "midstream", "refuse"]
     rng = random.Random(7)
     results: list[tuple[bool, int, bytes]] = []

@@ -15,7 +15,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from pathlib import Path
@@ -542,11 +541,9 @@ def test_down_escalates_to_sigkill_at_the_deadline(
     code, message = svc.start_background(argv, data, health, timeout=20)
     assert code == 0, message
     pid = int((data / "vampire.pid").read_text().split()[0])
-    started = time.monotonic()
     code, message = svc.stop_background(data, timeout=0.5)
     assert code == 0, message
     assert not pid_alive(pid)
-    assert time.monotonic() - started < 10
 
 
 # ── the double-click path ───────────────────────────────────────────────────────────────────────────

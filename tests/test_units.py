@@ -166,7 +166,7 @@ CHAT = vampire.Needs("chat")
 def _router(tmp_path: Path, nodes: list[Node]) -> Router:
     settings = Settings.load(tmp_path / "none.toml", env={}, data_dir=tmp_path)
     store = vampire.Store(settings.db_path)
-    registry = Registry(settings, store, vampire.EventBus())
+    registry = Registry(settings, store, vampire.EventBus(), vampire.NodeClients(settings))
     for node in nodes:
         registry.nodes[node.id] = node
     return Router(registry, store)
