@@ -1,10 +1,19 @@
 """Gateway overhead benchmark: what does Vampire add on top of talking to the upstream directly?
 
-Three paths are measured in one run, interleaved so that machine drift hits them equally:
+These paths are measured in one run, interleaved so that machine drift hits them equally:
 
   direct     client -> upstream
   ref_proxy  client -> bench/ref_proxy.py (uvicorn + aiohttp, nothing else) -> upstream
-  gateway    client -> python vampire.py serve --node UPSTREAM -> upstream
+  gateway    client -> python vampire.py serve --node UPSTREAM -> upstream, result cache bypassed
+             (`Cache-Control: no-store`)
+  governed   the same gateway, called with a client key whose realm has a quota (rpm, tpm, concurrency),
+             so key checks, quota bookkeeping, the ledger and metrics are all on the path
+  cache_hit  the same gateway, a deterministic request (temperature 0) that the result cache answers
+
+Targets (ratios in the same run): gateway throughput >= 1.0x the reference proxy at every concurrency,
+non-streaming and 32-chunk streaming; server CPU per request and per streamed chunk <= 1.1x the
+reference's; added latency p50 <= 0.25 ms, p99 <= 0.6 ms; governed within 10 % of the plain gateway;
+cache hits >= 2x the reference's forwarding throughput at c=64; idle RSS <= 50 MiB.
 
 The upstream is bench/fast_upstream.py unless --target names a real server. The load generator is a
 hand-written HTTP/1.1 client on raw asyncio streams because on a 2-core machine any heavier client would be
@@ -14,6 +23,7 @@ the bottleneck and hide the differences being measured.
     python bench/overhead.py --quick         # under 30 seconds
     python bench/overhead.py --gateway-cmd "{python} bench/ref_proxy.py --port {port} --upstream {upstream}"
     python bench/overhead.py --target http://127.0.0.1:8080 --model my-model --requests 200
+    python bench/overhead.py --no-governed --no-cache-hit    # only direct, ref_proxy and gateway
 """
 
 from __future__ import annotations
@@ -44,7 +54,7 @@ T = TypeVar("T")
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-PATHS = ("direct", "ref_proxy", "gateway")
+STREAM_CHUNKS = 32  # events per stream from bench/fast_upstream.py
 CHAT_PATH = "/v1/chat/completions"
 DEFAULT_GATEWAY_CMD = "{python} -m vampire serve --host 127.0.0.1 --port {port} --node {upstream}"
 READY_DEADLINE_S = 20.0
@@ -52,7 +62,10 @@ READY_DEADLINE_S = 20.0
 TARGET_ADDED_P50_MS = 0.25
 TARGET_ADDED_P99_MS = 0.6
 TARGET_FIRST_BYTE_MS = 0.75
-TARGET_RATIO_C64 = 0.85
+TARGET_RATIO = 1.0  # gateway / reference proxy throughput, every concurrency
+TARGET_CPU_RATIO = 1.1  # gateway / reference proxy server CPU per request and per streamed chunk
+TARGET_GOVERNED_RATIO = 0.9  # governed / plain gateway throughput
+TARGET_CACHE_HIT_RATIO = 2.0  # cache hits / reference proxy forwarding throughput at c=64
 TARGET_IDLE_RSS_MIB = 50.0
 
 
@@ -181,25 +194,29 @@ class HttpConn:
             pos = nxt
 
 
-def build_request(host: str, port: int, path: str, body: bytes, api_key: str | None) -> bytes:
+def build_request(
+    host: str, port: int, path: str, body: bytes, api_key: str | None, extra: tuple[str, ...] = ()
+) -> bytes:
     lines = [
         f"POST {path} HTTP/1.1",
         f"Host: {host}:{port}",
         "Content-Type: application/json",
         "Accept: */*",
         f"Content-Length: {len(body)}",
+        *extra,
     ]
     if api_key:
         lines.append(f"Authorization: Bearer {api_key}")
     return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
 
 
-def chat_body(model: str, stream: bool, max_tokens: int) -> bytes:
+def chat_body(model: str, stream: bool, max_tokens: int, **extra: Any) -> bytes:
     payload = {
         "model": model,
         "messages": [{"role": "user", "content": "Say hello."}],
         "max_tokens": max_tokens,
         "stream": stream,
+        **extra,
     }
     return json.dumps(payload).encode()
 
@@ -299,6 +316,27 @@ def http_get(port: int, path: str, headers: dict[str, str], host: str = "127.0.0
         return resp.status, resp.read()
     finally:
         conn.close()
+
+
+def http_post_json(port: int, path: str, payload: dict[str, Any]) -> dict[str, Any]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    try:
+        conn.request("POST", path, body=json.dumps(payload), headers={"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        body = resp.read()
+    finally:
+        conn.close()
+    if resp.status >= 300:
+        raise BenchError(f"POST {path} answered {resp.status}: {body[:300]!r}")
+    return dict(json.loads(body))
+
+
+def governed_key(port: int) -> str:
+    """A client key in a realm with quotas too large to refuse anything, so every request pays for the key
+    check and the quota bookkeeping without being limited."""
+    limits = {"rpm": 10**9, "tpm": 10**12, "max_concurrent": 100_000}
+    http_post_json(port, "/vampire/v1/realms", {"name": "bench", **limits})
+    return str(http_post_json(port, "/vampire/v1/keys", {"name": "bench", "realm": "bench", **limits})["key"])
 
 
 def model_listed(body: bytes, model: str) -> bool:
@@ -645,78 +683,116 @@ def verdict(value: float | None, limit: float, higher_is_better: bool = False) -
 
 def build_report(fig: dict[str, Any]) -> tuple[list[list[str]], list[dict[str, Any]]]:
     """Table rows (metric, one cell per path, gw/direct, gw/ref, target, result) and the target checks."""
+    paths = fig["paths"]
     rows: list[list[str]] = []
     checks: list[dict[str, Any]] = []
+
+    def check(name: str, value: float | None, limit: float, higher: bool) -> tuple[str, str]:
+        target = f"{'>=' if higher else '<='} {limit:g}"
+        res = verdict(value, limit, higher)
+        checks.append({"check": name, "value": value, "target": target, "result": res})
+        return target, res
 
     def row(
         metric: str,
         vals: dict[str, float | None],
         digits: int = 3,
-        vs_direct: bool = False,
-        vs_ref: bool = False,
-        check: tuple[str, float | None, float, bool] | None = None,
+        ratios: bool = False,
+        target: tuple[str, float | None, float, bool] | None = None,
     ) -> None:
-        """`check` is (name, value, limit, higher_is_better) for rows that carry a target."""
+        """`target` is (name, value, limit, higher_is_better) for rows that carry one."""
         d, r, g = vals.get("direct"), vals.get("ref_proxy"), vals.get("gateway")
-        cells = [metric, *(fmt(vals.get(p), digits) for p in PATHS)]
-        cells.append(fmt(g / d, 2) if vs_direct and d and g else "")
-        cells.append(fmt(g / r, 2) if vs_ref and r and g else "")
-        if check is None:
-            cells += ["", ""]
+        cells = [metric, *(fmt(vals.get(p), digits) for p in paths)]
+        if not vals and target:  # a ratio of two paths: the ratio itself goes in the ratio column
+            cells[1:] = [""] * len(paths) + ["", fmt(target[1], 2)]
         else:
-            name, value, limit, higher = check
-            target = f"{'>=' if higher else '<='} {limit:g}"
-            res = verdict(value, limit, higher)
-            checks.append({"check": name, "value": value, "target": target, "result": res})
-            cells += [target, res]
+            cells.append(fmt(g / d, 2) if ratios and d and g else "")
+            cells.append(fmt(g / r, 2) if ratios and r and g else "")
+        cells += list(check(*target)) if target else ["", ""]
         rows.append(cells)
+
+    def ratio(a: float | None, b: float | None) -> float | None:
+        return a / b if a is not None and b and not math.isnan(a) and not math.isnan(b) else None
 
     lat = fig.get("latency_plain")
     if lat:
         added = fig["added_plain"]
-        row(f"c=1 plain latency p50 ms (n={lat['gateway']['n']})", {p: lat[p]["p50_ms"] for p in PATHS})
-        row("c=1 plain latency p99 ms", {p: lat[p]["p99_ms"] for p in PATHS})
+        row(f"c=1 plain latency p50 ms (n={lat['gateway']['n']})", {p: lat[p]["p50_ms"] for p in paths})
+        row("c=1 plain latency p99 ms", {p: lat[p]["p99_ms"] for p in paths})
         value = added["gateway"]["p50_ms"]
-        row(
-            "c=1 plain ADDED p50 ms",
-            {p: added[p]["p50_ms"] for p in added},
-            check=("added latency p50 ms", value, TARGET_ADDED_P50_MS, False),
-        )
+        target = ("added latency p50 ms", value, TARGET_ADDED_P50_MS, False)
+        row("c=1 plain ADDED p50 ms", {p: added[p]["p50_ms"] for p in added}, target=target)
         value = added["gateway"]["p99_ms"]
-        row(
-            "c=1 plain ADDED p99 ms",
-            {p: added[p]["p99_ms"] for p in added},
-            check=("added latency p99 ms", value, TARGET_ADDED_P99_MS, False),
-        )
+        target = ("added latency p99 ms", value, TARGET_ADDED_P99_MS, False)
+        row("c=1 plain ADDED p99 ms", {p: added[p]["p99_ms"] for p in added}, target=target)
     lat = fig.get("latency_stream")
     if lat:
         added = fig["added_stream"]
         n = lat["gateway"]["n"]
-        row(f"c=1 stream first byte p50 ms (n={n})", {p: lat[p]["first_p50_ms"] for p in PATHS})
-        row("c=1 stream first byte p99 ms", {p: lat[p]["first_p99_ms"] for p in PATHS})
-        row("c=1 stream end p50 ms", {p: lat[p]["p50_ms"] for p in PATHS})
+        row(f"c=1 stream first byte p50 ms (n={n})", {p: lat[p]["first_p50_ms"] for p in paths})
+        row("c=1 stream first byte p99 ms", {p: lat[p]["first_p99_ms"] for p in paths})
+        row("c=1 stream end p50 ms", {p: lat[p]["p50_ms"] for p in paths})
         value = added["gateway"]["first_p50_ms"]
-        row(
-            "c=1 stream ADDED first byte p50 ms",
-            {p: added[p]["first_p50_ms"] for p in added},
-            check=("added first streamed byte p50 ms", value, TARGET_FIRST_BYTE_MS, False),
-        )
+        target = ("added first streamed byte p50 ms", value, TARGET_FIRST_BYTE_MS, False)
+        row("c=1 stream ADDED first byte p50 ms", {p: added[p]["first_p50_ms"] for p in added}, target=target)
         row("c=1 stream ADDED first byte p99 ms", {p: added[p]["first_p99_ms"] for p in added})
-    for key, per_path in fig.get("throughput", {}).items():
+    through = fig.get("throughput", {})
+    for key, per_path in through.items():
         conc, mode = key[1:].split("_")
-        vals = {p: per_path[p]["rps"] for p in PATHS}
-        check = None
-        if conc == "64":
-            ratio = vals["gateway"] / vals["ref_proxy"] if vals["ref_proxy"] else None
-            check = (f"c=64 {mode} throughput gateway/ref_proxy", ratio, TARGET_RATIO_C64, True)
-        row(f"c={conc} {mode} req/s", vals, digits=0, vs_direct=True, vs_ref=True, check=check)
-        cpu = {p: per_path[p]["server_cpu_us_per_req"] for p in PATHS}
-        row(f"c={conc} {mode} server CPU us/req", cpu, digits=0, vs_ref=True)
+        vals = {p: per_path[p]["rps"] for p in paths}
+        target = (
+            f"c={conc} {mode} throughput gateway/ref_proxy",
+            ratio(vals["gateway"], vals["ref_proxy"]),
+            TARGET_RATIO,
+            True,
+        )
+        row(f"c={conc} {mode} req/s", vals, digits=0, ratios=True, target=target)
+        cpu = {p: per_path[p]["server_cpu_us_per_req"] for p in paths}
+        target = None
+        if conc == str(max(fig["meta"]["concurrencies"])):
+            target = (
+                f"c={conc} {mode} server CPU per request gateway/ref_proxy",
+                ratio(cpu["gateway"], cpu["ref_proxy"]),
+                TARGET_CPU_RATIO,
+                False,
+            )
+        row(f"c={conc} {mode} server CPU us/req", cpu, digits=0, ratios=True, target=target)
+    top = max(fig["meta"]["concurrencies"]) if through else None
+    plain, stream = through.get(f"c{top}_plain"), through.get(f"c{top}_stream")
+    if plain and stream:
+        per_chunk = {
+            p: (stream[p]["server_cpu_us_per_req"] - plain[p]["server_cpu_us_per_req"]) / STREAM_CHUNKS
+            for p in paths
+        }
+        target = (
+            "server CPU per streamed chunk gateway/ref_proxy",
+            ratio(per_chunk["gateway"], per_chunk["ref_proxy"]),
+            TARGET_CPU_RATIO,
+            False,
+        )
+        row(f"c={top} server CPU us per streamed chunk", per_chunk, digits=1, ratios=True, target=target)
+        for mode, runs in (("plain", plain), ("stream", stream)):
+            if "governed" in paths:
+                target = (
+                    f"c={top} {mode} governed/gateway throughput",
+                    ratio(runs["governed"]["rps"], runs["gateway"]["rps"]),
+                    TARGET_GOVERNED_RATIO,
+                    True,
+                )
+                row(f"c={top} {mode} req/s governed / gateway", {}, target=target)
+            if "cache_hit" in paths:
+                target = (
+                    f"c={top} {mode} cache hits/ref_proxy throughput",
+                    ratio(runs["cache_hit"]["rps"], runs["ref_proxy"]["rps"]),
+                    TARGET_CACHE_HIT_RATIO,
+                    True,
+                )
+                row(f"c={top} {mode} req/s cache_hit / ref_proxy", {}, target=target)
     rss = fig.get("rss_mib", {})
     if rss:
         idle = {p: rss[p]["idle"] for p in rss}
-        check = ("gateway idle RSS MiB", idle.get("gateway"), TARGET_IDLE_RSS_MIB, False)
-        row("RSS idle MiB", idle, digits=1, check=check)
+        target = ("gateway idle RSS MiB", idle.get("gateway"), TARGET_IDLE_RSS_MIB, False)
+        row("RSS idle MiB", idle, digits=1, target=target)
         row("RSS after load MiB", {p: rss[p]["after"] for p in rss}, digits=1)
     if fig.get("ready_after_spawn_s"):
         row("ready after spawn s", fig["ready_after_spawn_s"], digits=2)
@@ -791,7 +867,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--requests", type=int, help="c=1 requests per path per mode (default 2000, quick 300)")
     p.add_argument("--duration", type=float, help="seconds per throughput round (default 2.0, quick 1.0)")
     p.add_argument("--rounds", type=int, help="interleaved throughput rounds per path (default 3, quick 1)")
-    p.add_argument("--concurrency", default="32,64", help="comma-separated concurrency levels")
+    p.add_argument("--concurrency", default="1,32,64", help="comma-separated concurrency levels")
     p.add_argument("--block", type=int, default=100, help="c=1 requests per path before switching path")
     p.add_argument("--target", help="measure against this upstream instead of the fast fake one")
     p.add_argument("--model", default="bench-model")
@@ -811,11 +887,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--api-key", help="sent as a Bearer token to the gateway")
     p.add_argument("--json", dest="json_path", help="write all figures to this file")
+    p.add_argument(
+        "--no-governed", dest="governed", action="store_false", help="skip the keyed, quota'd path"
+    )
+    p.add_argument("--no-cache-hit", dest="cache_hit", action="store_false", help="skip the cache-hit path")
     args = p.parse_args(argv)
     args.requests = args.requests or (300 if args.quick else 2000)
     args.duration = args.duration or (1.0 if args.quick else 2.0)
     args.rounds = args.rounds or (1 if args.quick else 3)
     args.concurrencies = [int(c) for c in args.concurrency.split(",") if c.strip()]
+    if args.gateway_cmd != DEFAULT_GATEWAY_CMD:  # a stand-in has no keys and no cache to measure
+        args.governed = args.cache_hit = False
     if args.requests < 1 or args.duration <= 0 or args.rounds < 1 or not args.concurrencies:
         p.error("requests, duration, rounds and concurrency must be positive")
     return args
@@ -824,7 +906,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def sub_added(lat: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
     base = lat["direct"]
     keys = ("p50_ms", "p99_ms", "first_p50_ms", "first_p99_ms")
-    return {p: {k: lat[p][k] - base[k] for k in keys} for p in ("ref_proxy", "gateway")}
+    return {p: {k: lat[p][k] - base[k] for k in keys} for p in lat if p != "direct"}
 
 
 async def measure(args: argparse.Namespace, endpoints: list[Endpoint]) -> dict[str, Any]:
@@ -918,12 +1000,15 @@ def start_servers(args: argparse.Namespace, workdir: Path, procs: list[Proc]) ->
     ready_s = {"ref_proxy": ref_proc.ready_after, "gateway": gw_proc.ready_after}
     log(f"ready {ready_s['ref_proxy']:.2f}s (ref proxy) and {ready_s['gateway']:.2f}s (gateway) after spawn")
 
-    plain = chat_body(args.model, False, args.max_tokens)
-    stream = chat_body(args.model, True, args.max_tokens)
-
-    def endpoint(name: str, host: str, port: int, path: str, key: str | None, pid: int | None) -> Endpoint:
-        req_plain = build_request(host, port, path, plain, key)
-        req_stream = build_request(host, port, path, stream, key)
+    def endpoint(
+        name: str, host: str, port: int, path: str, key: str | None, pid: int | None, **options: Any
+    ) -> Endpoint:
+        # Nothing but the gateway's own variants may be answered from its result cache.
+        extra = () if options else ("Cache-Control: no-store",)
+        plain = chat_body(args.model, False, args.max_tokens, **options)
+        stream = chat_body(args.model, True, args.max_tokens, **options)
+        req_plain = build_request(host, port, path, plain, key, extra)
+        req_stream = build_request(host, port, path, stream, key, extra)
         return Endpoint(name, host, port, req_plain, req_stream, pid)
 
     endpoints = [
@@ -931,6 +1016,13 @@ def start_servers(args: argparse.Namespace, workdir: Path, procs: list[Proc]) ->
         endpoint("ref_proxy", "127.0.0.1", ref_port, CHAT_PATH, None, ref_proc.pid),
         endpoint("gateway", "127.0.0.1", gw_port, CHAT_PATH, args.api_key, gw_proc.pid),
     ]
+    if args.governed:
+        key = governed_key(gw_port)
+        endpoints.append(endpoint("governed", "127.0.0.1", gw_port, CHAT_PATH, key, gw_proc.pid))
+    if args.cache_hit:
+        endpoints.append(
+            endpoint("cache_hit", "127.0.0.1", gw_port, CHAT_PATH, args.api_key, gw_proc.pid, temperature=0)
+        )
     return Servers(endpoints, ref_proc, gw_proc, upstream_url, gw_cmd, ready_s)
 
 
@@ -941,7 +1033,7 @@ def print_report(fig: dict[str, Any]) -> None:
     label = "STAND-IN " + shlex.join(meta["gateway_cmd"]) if meta["gateway_is_stand_in"] else "vampire.py"
     print()
     print(f"Vampire overhead benchmark; upstream: {meta['upstream']}; gateway: {label}")
-    print_table(rows, ["metric", *PATHS, "gw/direct", "gw/ref", "target", "result"])
+    print_table(rows, ["metric", *fig["paths"], "gw/direct", "gw/ref", "target", "result"])
     for name, issues in fig["warmup_problems"].items():
         print(f"WARNING {name}: {'; '.join(issues)}")
     for key, per_path in fig["throughput"].items():
@@ -996,6 +1088,7 @@ def main(argv: list[str] | None = None) -> int:
             for name in pids
         }
         fig["ready_after_spawn_s"] = srv.ready_s
+        fig["paths"] = [ep.name for ep in srv.endpoints]
         fig["meta"] = {
             "gateway_cmd": srv.gateway_argv,
             "gateway_is_stand_in": stand_in,
